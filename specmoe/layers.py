@@ -1,0 +1,233 @@
+"""Building blocks shared by every model family.
+
+Shapes use these letters:
+    N  packed tokens of a ragged batch (all sequences' new tokens, sequence-major)
+    B  sequences in the batch          Tq  new tokens of the longest sequence
+    Tk keys visible to the longest sequence
+    H  hidden size   Hq / Hkv  query / key-value heads   D  head dim
+    E  experts       K  experts per token (top-k)      I  expert intermediate size
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from specmoe.batch import ForwardBatch
+from specmoe.kv_cache import KVCache
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "relu": F.relu,
+}
+
+
+def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unsupported hidden_act {name!r}; supported: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE computed from positions on the fly (no table to outgrow).
+
+    ``inv_freq`` is a plain float32 attribute, not a buffer: it survives building the model
+    on the meta device and is never cast to the model's dtype.
+    """
+
+    def __init__(self, config, head_dim: int):
+        super().__init__()
+        rope = dict(getattr(config, "rope_parameters", None) or {})
+        rope_type = rope.get("rope_type", "default")
+        if rope_type == "default":
+            base = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+            dims = torch.arange(0, head_dim, 2, dtype=torch.float, device="cpu")
+            inv_freq = 1.0 / (base ** (dims / head_dim))
+            self.scaling = 1.0
+        else:
+            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+            if rope_type not in ROPE_INIT_FUNCTIONS:
+                raise ValueError(f"unsupported rope_type {rope_type!r}; supported: default, {sorted(ROPE_INIT_FUNCTIONS)}")
+            inv_freq, self.scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
+        self.inv_freq = inv_freq.float()  # [D/2]
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.inv_freq.device != positions.device:
+            self.inv_freq = self.inv_freq.to(positions.device)
+        freqs = positions[:, None].float() * self.inv_freq  # [N, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [N, D]
+        return (emb.cos() * self.scaling).to(dtype), (emb.sin() * self.scaling).to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x [N, heads, D]; cos, sin [N, D]
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+def ragged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    batch: ForwardBatch,
+    cache: KVCache,
+    layer: int,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Write this step's keys and values into the cache, then attend over each sequence's prefix.
+
+    q [N, Hq, D], k and v [N, Hkv, D] (after RoPE) -> [N, Hq*D].
+    """
+    cache.write(layer, batch, k, v)
+    keys, values = cache.read(layer, batch)  # [B, Hkv, Tk, D]
+    if batch.is_decode:
+        queries = q[:, :, None, :]  # [B, Hq, 1, D]
+    else:
+        queries = q[batch.pad_index].transpose(1, 2)  # [B, Hq, Tq, D]
+    out = F.scaled_dot_product_attention(
+        queries, keys, values, attn_mask=batch.mask(sliding_window), scale=scale, enable_gqa=True
+    )  # [B, Hq, Tq, D]
+    out = out.transpose(1, 2)  # [B, Tq, Hq, D]
+    if not batch.is_decode:
+        out = out.reshape(-1, *out.shape[2:])[batch.packed_index]  # [N, Hq, D]
+    return out.reshape(out.shape[0], -1)
+
+
+class MLP(nn.Module):
+    """A dense gated MLP (shared experts and dense layers of some families)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, act: str):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.act_fn = activation(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class TopKRouter(nn.Module):
+    """Softmax router. Returns the triple ``(logits, weights, indices)`` that drafts record.
+
+    ``norm_topk_prob`` renormalises the top-k weights to sum to one; ``weights_dtype_follows_input``
+    casts them to the hidden dtype (Qwen/OLMoE) instead of keeping float32 (Mixtral).
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, norm_topk_prob: bool, cast_weights: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+        self.top_k = top_k
+        self.norm_topk_prob = norm_topk_prob
+        self.cast_weights = cast_weights
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits = F.linear(x, self.weight)  # [N, E]
+        probs = torch.softmax(logits.float(), dim=-1)
+        weights, indices = torch.topk(probs, self.top_k, dim=-1)  # [N, K]
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        if self.cast_weights:
+            weights = weights.to(logits.dtype)
+        return logits, weights, indices
+
+
+ExpertsForward = Callable[["Experts", torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+EXPERTS_FUNCTIONS: dict[str, ExpertsForward] = {}
+
+
+def register_experts_function(name: str) -> Callable[[ExpertsForward], ExpertsForward]:
+    def wrap(fn: ExpertsForward) -> ExpertsForward:
+        EXPERTS_FUNCTIONS[name] = fn
+        return fn
+
+    return wrap
+
+
+def experts_function(name: str) -> ExpertsForward:
+    if name not in EXPERTS_FUNCTIONS:
+        raise ValueError(f"unknown experts implementation {name!r}; registered: {sorted(EXPERTS_FUNCTIONS)}")
+    return EXPERTS_FUNCTIONS[name]
+
+
+class Experts(nn.Module):
+    """Routed experts as stacked tensors (transformers v5 layout).
+
+    gate_up_proj [E, 2I, H] (gate rows first, then up rows); down_proj [E, H, I].
+    The forward is a named function from ``EXPERTS_FUNCTIONS``; the model never knows where
+    an expert's weights come from.
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, act: str, layer: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.intermediate_size = intermediate_size
+        self.layer = layer
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.act_fn = activation(act)
+        self.implementation = "eager"
+
+    def expert_weights(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.gate_up_proj[expert], self.down_proj[expert]
+
+    def apply_expert(self, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        # x [n, H], gate_up [2I, H], down [H, I] -> [n, H]
+        gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+        return F.linear(self.act_fn(gate) * up, down)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        return experts_function(self.implementation)(self, hidden_states, top_k_index, top_k_weights)
+
+
+def group_by_expert(top_k_index: torch.Tensor, num_experts: int) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """Sort (token, slot) pairs by expert: returns (tokens per expert, token rows, flat pair ids)."""
+    flat = top_k_index.reshape(-1)  # [N*K]
+    order = torch.argsort(flat, stable=True)  # [N*K]
+    counts = torch.bincount(flat, minlength=num_experts).tolist()  # sync: the loop below is per expert
+    return counts, order // top_k_index.shape[1], order
+
+
+@register_experts_function("eager")
+def eager_experts(
+    experts: Experts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """Reference: each expert that has tokens runs once on all of them, in expert order.
+
+    hidden_states [N, H], top_k_index [N, K], top_k_weights [N, K] -> [N, H]
+    """
+    out = torch.zeros_like(hidden_states)
+    counts, rows, pairs = group_by_expert(top_k_index, experts.num_experts)
+    weights = top_k_weights.reshape(-1)[pairs]  # [N*K], expert-sorted
+    start = 0
+    for expert, count in enumerate(counts):
+        if count == 0:
+            continue
+        idx = rows[start : start + count]
+        y = experts.apply_expert(hidden_states[idx], *experts.expert_weights(expert))
+        out.index_add_(0, idx, (y * weights[start : start + count, None]).to(out.dtype))
+        start += count
+    return out
