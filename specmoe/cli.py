@@ -15,7 +15,7 @@ from specmoe.detokenizer import IncrementalDetokenizer
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
-    from specmoe.engine import SHIPPED_MODEL
+    from specmoe.config import SHIPPED_MODEL
 
     parser.add_argument("--model", default=str(SHIPPED_MODEL), help="Hugging Face model directory (default: the shipped model)")
     parser.add_argument("--prompt", required=True, help="text to continue")
@@ -28,7 +28,8 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from specmoe.engine import Engine, EngineConfig
+    from specmoe.config import EngineConfig
+    from specmoe.engine import Engine
     from specmoe.sampling import SamplingParams
 
     params = SamplingParams(

@@ -1,8 +1,13 @@
 """The generation engine: continuous batching of ragged sequences over one model and KV cache.
 
-Each ``step()`` runs one forward pass for every scheduled sequence: sequences admitted in
-this step contribute their whole prompt (prefill), running ones their last token (decode),
-all in the same ragged batch.
+Every ``step()`` is one round for all scheduled sequences, in every mode:
+
+    draft -> verify -> accept -> roll back -> adapt
+
+Drafting happens only in ``specmoe`` mode (k > 0) and only for running sequences; the
+verification pass is one ragged forward in which newly admitted sequences contribute their
+whole prompt (prefill is verification of a long draft) and running ones their last token
+plus their draft. With k = 0 a round is plain decoding. Words as in ``specmoe.speculative``.
 """
 
 from __future__ import annotations
@@ -16,38 +21,13 @@ from pathlib import Path
 
 import torch
 
+from specmoe.adaptive import SpeculationController
+from specmoe.config import DecoderConfig, EngineConfig
 from specmoe.kv_cache import KVCache
-from specmoe.layers import EXPERTS_FUNCTIONS
-from specmoe.loader import load_model, parse_dtype, read_config
-from specmoe.sampling import SamplingParams, sample
-
-SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "models" / "shakespeare-tiny-moe"
-
-
-@dataclass
-class EngineConfig:
-    """How to run a model. Validated once, here."""
-
-    model: str | Path = SHIPPED_MODEL
-    dtype: str = "fp32"
-    device: str = "cpu"
-    max_batch_size: int = 16
-    max_model_len: int | None = None  # default: min(max_position_embeddings, 2048)
-    max_prefill_tokens: int = 4096
-    experts_implementation: str = "eager"
-
-    def __post_init__(self):
-        parse_dtype(self.dtype)
-        if self.max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
-        if self.max_model_len is not None and self.max_model_len < 2:
-            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
-        if self.max_prefill_tokens < 1:
-            raise ValueError(f"max_prefill_tokens must be >= 1, got {self.max_prefill_tokens}")
-        if self.experts_implementation not in EXPERTS_FUNCTIONS:
-            raise ValueError(
-                f"unknown experts implementation {self.experts_implementation!r}; registered: {sorted(EXPERTS_FUNCTIONS)}"
-            )
+from specmoe.loader import load_model, read_config
+from specmoe.metrics import RoundCounters
+from specmoe.sampling import SamplingParams, probabilities
+from specmoe.speculative import accept_greedy, accept_sampled, pad_drafts
 
 
 @dataclass
@@ -58,9 +38,9 @@ class Sequence:
     output: list[int] = field(default_factory=list)
     slot: int | None = None
     generator: torch.Generator | None = None
-    finish_reason: str | None = None  # "stop" (EOS or a stop token) or "length"
-    arrival: float = field(default_factory=time.perf_counter)
-    first_token_time: float | None = None
+    finish_reason: str | None = None  # "stop" (EOS or a stop token), "length" or "abort"
+    draft: list[int] = field(default_factory=list)
+    draft_probs: list[torch.Tensor] = field(default_factory=list)  # [V] per draft token (sampling)
 
     @property
     def tokens(self) -> list[int]:
@@ -85,20 +65,33 @@ class Completion:
 
 
 class Engine:
-    """Generate from a model with continuous batching. No Ray here: actors wrap this class."""
+    """Generate from a model with continuous batching. No Ray here: actors wrap this class.
 
-    def __init__(self, config: EngineConfig, model=None, tokenizer=None):
+    ``fetch(layer, experts) -> {expert: Future[(gate_up, down)]}`` supplies remote experts in
+    the non-resident modes; without one they are read from the checkpoint in-process.
+    """
+
+    def __init__(self, config: EngineConfig, model=None, tokenizer=None, fetch=None):
         self.config = config
+        dec: DecoderConfig = config.decoder
         self.hf_config = read_config(config.model) if model is None else model.config
-        self.model = model if model is not None else load_model(config.model, config.dtype, config.device)
-        for _, block in self.model.moe_blocks():
-            block.experts.implementation = config.experts_implementation
+        if model is None:
+            model = load_model(config.model, config.dtype, config.device, experts=dec.mode == "resident")
+        self.model = model
+        self.runtime = None
+        if dec.mode != "resident":
+            from specmoe.offload import attach_runtime, checkpoint_fetcher
+
+            fetch = fetch or checkpoint_fetcher(config.model)
+            self.runtime = attach_runtime(model, fetch, dec, config.device)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
         self.eos_token_ids = eos_token_ids(config.model, self.hf_config)
         self.max_model_len = config.max_model_len or min(self.hf_config.max_position_embeddings, 2048)
-        layers, kv_heads, head_dim = self.model.kv_shape()
-        dtype = next(self.model.parameters()).dtype
+        layers, kv_heads, head_dim = model.kv_shape()
+        dtype = next(model.parameters()).dtype
         self.cache = KVCache(layers, config.max_batch_size, self.max_model_len, kv_heads, head_dim, dtype, config.device)
+        self.controller = SpeculationController(dec.k_max, None if dec.k == "auto" else dec.k)
+        self.counters = RoundCounters()
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._ids = itertools.count()
@@ -114,10 +107,13 @@ class Engine:
         bad = [t for t in prompt_ids if not (isinstance(t, int) and 0 <= t < vocab)]
         if bad:
             raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
-        if len(prompt_ids) + params.max_new_tokens > self.max_model_len:
+        # a round may hold k draft tokens beyond the last emitted one
+        reserve = self.config.decoder.k_max if self.config.decoder.speculative else 0
+        if len(prompt_ids) + params.max_new_tokens + reserve > self.max_model_len:
             raise ValueError(
-                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
-                f"max_model_len ({self.max_model_len})"
+                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens})"
+                + (f" + k_max ({reserve})" if reserve else "")
+                + f" exceeds max_model_len ({self.max_model_len})"
             )
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         self.waiting.append(Sequence(request_id, prompt_ids, params, generator=params.generator()))
@@ -138,21 +134,113 @@ class Engine:
         for seq in [s for s in self.running if s.request_id == request_id]:
             self._finish(seq, "abort")
 
-    # -- the step ---------------------------------------------------------------------------
+    # -- the round --------------------------------------------------------------------------
 
     def step(self) -> list[StepOutput]:
-        """One forward pass over every scheduled sequence; returns what each one gained."""
+        """One round for every scheduled sequence; returns what each one gained."""
         seqs = self._schedule()
         if not seqs:
             return []
-        lens = [len(s.tokens) - self.cache.lengths[s.slot] for s in seqs]
+        started = time.perf_counter()
+        k = self.controller.choose() if self.config.decoder.speculative else 0
+        self._draft(seqs, k)
+        drafted = time.perf_counter()
+        logits = self._verify(seqs)  # [B, k+1, V]
+        verdict = self._accept(seqs, logits)
+        outputs = self._roll_back(seqs, verdict.tokens([s.draft for s in seqs]))
+        self._adapt(k, seqs, verdict.accepted, drafted - started, time.perf_counter() - drafted)
+        return outputs
+
+    def _draft(self, seqs: list[Sequence], k: int) -> None:
+        """Draft up to k tokens per running sequence in draft routing; KV entries are scratch."""
+        for seq in seqs:
+            seq.draft, seq.draft_probs = [], []
+        running = [s for s in seqs if self.cache.lengths[s.slot] == len(s.tokens) - 1]
+        room = {s.request_id: min(k, s.params.max_new_tokens - len(s.output) - 1) for s in running}
+        active = [s for s in running if room[s.request_id] > 0]
+        if not active:
+            return
+        self.runtime.phase = "draft"
+        try:
+            while active:
+                last = [(s.draft or s.tokens)[-1] for s in active]
+                batch = self.cache.batch([s.slot for s in active], [1] * len(active))
+                with torch.inference_mode():
+                    logits = self.model(torch.tensor(last, device=self.cache.k.device), batch, self.cache)  # [b, V]
+                self._take_draft_tokens(active, logits)
+                active = [s for s in active if len(s.draft) < room[s.request_id]]
+        finally:
+            self.runtime.phase = "exact"
+        for seq in running:
+            self.cache.truncate(seq.slot, len(seq.tokens) - 1)  # drop the scratch entries
+
+    def _take_draft_tokens(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        tokens = logits.argmax(dim=-1)  # [b]
+        for row, seq in enumerate(seqs):
+            if not seq.params.greedy:
+                q = probabilities(logits[row], seq.params).cpu()  # [V]; sync: host generators
+                seq.draft_probs.append(q)
+                tokens[row] = torch.multinomial(q, 1, generator=seq.generator)[0]
+        for seq, token in zip(seqs, tokens.tolist()):  # sync: the next draft step's input
+            seq.draft.append(token)
+
+    def _verify(self, seqs: list[Sequence]) -> torch.Tensor:
+        """One exact pass: new sequences prefill, running ones check their draft. -> [B, k+1, V]"""
+        fresh = [self.cache.lengths[s.slot] == 0 for s in seqs]
+        lens = [len(s.tokens) - self.cache.lengths[s.slot] + len(s.draft) for s in seqs]
         batch = self.cache.batch([s.slot for s in seqs], lens)
-        input_ids = [t for s, n in zip(seqs, lens) for t in s.tokens[-n:]]
-        input_ids = torch.tensor(input_ids, dtype=torch.long, device=self.cache.k.device)  # [N]
+        ids = [t for s, n in zip(seqs, lens) for t in (s.tokens + s.draft)[-n:]]
+        # logits for every position of a draft check; for a prefill only the last
+        spans = [(hi - 1, hi) if new else (hi - len(s.draft) - 1, hi) for s, new, hi in zip(seqs, fresh, batch.offsets[1:])]
+        rows = torch.tensor([r for lo, hi in spans for r in range(lo, hi)], device=self.cache.k.device)
+        if self.runtime is not None:
+            self.runtime.lookahead = self.config.decoder.mode == "pregate" or any(fresh)
         with torch.inference_mode():
-            logits = self.model(input_ids, batch, self.cache)  # [B, V]
-        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
-        return [self._append(seq, token) for seq, token in zip(seqs, tokens)]
+            logits = self.model(torch.tensor(ids, device=self.cache.k.device), batch, self.cache, rows)  # [R, V]
+        width = max(hi - lo for lo, hi in spans)
+        out = logits.new_zeros(len(seqs), width, logits.shape[-1])  # [B, k+1, V]
+        start = 0
+        for i, (lo, hi) in enumerate(spans):
+            out[i, : hi - lo] = logits[start : start + hi - lo]
+            start += hi - lo
+        return out
+
+    def _accept(self, seqs: list[Sequence], logits: torch.Tensor):
+        drafts = pad_drafts([s.draft for s in seqs], logits.device)  # [B, k]
+        if all(s.params.greedy for s in seqs):
+            return accept_greedy(drafts, logits)
+        k, vocab = drafts.shape[1], logits.shape[-1]
+        q = torch.zeros(len(seqs), k, vocab)  # [B, k, V]
+        for i, s in enumerate(seqs):
+            if s.draft_probs:
+                q[i, : len(s.draft_probs)] = torch.stack(s.draft_probs)
+        return accept_sampled(drafts, q, logits, [s.params for s in seqs], [s.generator for s in seqs])
+
+    def _roll_back(self, seqs: list[Sequence], gained: list[list[int]]) -> list[StepOutput]:
+        """Append each sequence's accepted tokens and bonus (up to a stop); truncate its KV."""
+        outputs = []
+        for seq, tokens in zip(seqs, gained):
+            kept = []
+            for token in tokens:
+                kept.append(token)
+                if self._append(seq, token):
+                    break
+            if seq.finish_reason is None:
+                self.cache.truncate(seq.slot, len(seq.tokens) - 1)
+            outputs.append(StepOutput(seq.request_id, kept, seq.finish_reason is not None, seq.finish_reason))
+        if self.runtime is not None:
+            self.runtime.admit_staged()
+        return outputs
+
+    def _adapt(self, k: int, seqs: list[Sequence], accepted: list[int], draft_s: float, verify_s: float) -> None:
+        drafted = [len(s.draft) for s in seqs]
+        self.counters.record(drafted, accepted, draft_s, verify_s)
+        if self.runtime is not None:
+            self.runtime.counters.close_round(score=any(drafted))
+        if any(drafted) or k == 0:
+            self.controller.update(k, drafted, accepted, draft_s, verify_s)
+
+    # -- bookkeeping ------------------------------------------------------------------------
 
     def _schedule(self) -> list[Sequence]:
         budget, admitted = self.config.max_prefill_tokens, 0
@@ -167,16 +255,15 @@ class Engine:
         self.running.sort(key=lambda s: s.slot)
         return list(self.running)
 
-    def _append(self, seq: Sequence, token: int) -> StepOutput:
-        if seq.first_token_time is None:
-            seq.first_token_time = time.perf_counter()
+    def _append(self, seq: Sequence, token: int) -> bool:
+        """Append one token; returns True when the sequence finished with it."""
         seq.output.append(token)
         p = seq.params
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
             self._finish(seq, "stop")
         elif len(seq.output) >= p.max_new_tokens:
             self._finish(seq, "length")
-        return StepOutput(seq.request_id, [token], seq.finish_reason is not None, seq.finish_reason)
+        return seq.finish_reason is not None
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.finish_reason = reason

@@ -133,26 +133,49 @@ class MLP(nn.Module):
 class TopKRouter(nn.Module):
     """Softmax router. Returns the triple ``(logits, weights, indices)`` that drafts record.
 
-    ``norm_topk_prob`` renormalises the top-k weights to sum to one; ``weights_dtype_follows_input``
-    casts them to the hidden dtype (Qwen/OLMoE) instead of keeping float32 (Mixtral).
+    ``norm_topk_prob`` renormalises the top-k weights to sum to one; ``cast_weights`` casts
+    them to the hidden dtype (Qwen, OLMoE) instead of keeping float32 (Mixtral).
+
+    ``hook``, when set, sees every routing decision and may replace it:
+    ``hook(router, x, logits, weights, indices) -> (logits, weights, indices)``. Profiling,
+    drafting and lookahead prefetch attach here; the model files never know.
     """
 
-    def __init__(self, hidden_size: int, num_experts: int, top_k: int, norm_topk_prob: bool, cast_weights: bool):
+    def __init__(
+        self, hidden_size: int, num_experts: int, top_k: int, norm_topk_prob: bool, cast_weights: bool, layer: int
+    ):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
         self.top_k = top_k
         self.norm_topk_prob = norm_topk_prob
         self.cast_weights = cast_weights
+        self.layer = layer
+        self.hook: Callable | None = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits = F.linear(x, self.weight)  # [N, E]
+        weights, indices = self.select(logits)  # [N, K]
+        if self.hook is not None:
+            return self.hook(self, x, logits, weights, indices)
+        return logits, weights, indices
+
+    def select(self, logits: torch.Tensor, allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k weights and indices from logits [N, E].
+
+        ``allowed`` [E] bool restricts the choice; the chosen weights are then rescaled to the
+        mass the unrestricted top-k would have had, so nothing changes when nothing is excluded.
+        """
         probs = torch.softmax(logits.float(), dim=-1)
         weights, indices = torch.topk(probs, self.top_k, dim=-1)  # [N, K]
+        if allowed is not None:
+            mass = weights.sum(dim=-1, keepdim=True)
+            weights, indices = torch.topk(probs.masked_fill(~allowed, 0.0), self.top_k, dim=-1)
+            weights = weights * (mass / weights.sum(dim=-1, keepdim=True).clamp_min(1e-30))
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         if self.cast_weights:
             weights = weights.to(logits.dtype)
-        return logits, weights, indices
+        return weights, indices
 
 
 ExpertsForward = Callable[["Experts", torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -211,23 +234,37 @@ def group_by_expert(top_k_index: torch.Tensor, num_experts: int) -> tuple[list[i
     return counts, order // top_k_index.shape[1], order
 
 
-@register_experts_function("eager")
-def eager_experts(
-    experts: Experts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+def run_experts(
+    experts: Experts,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    weights_of: Callable[[list[int]], dict],
 ) -> torch.Tensor:
-    """Reference: each expert that has tokens runs once on all of them, in expert order.
+    """Each expert that has tokens runs once on all of them, in expert order.
 
+    ``weights_of(experts) -> {expert: (gate_up, down) or None}``; None skips the expert (a
+    draft's placeholder pick, whose routing weight is 0).
     hidden_states [N, H], top_k_index [N, K], top_k_weights [N, K] -> [N, H]
     """
     out = torch.zeros_like(hidden_states)
     counts, rows, pairs = group_by_expert(top_k_index, experts.num_experts)
     weights = top_k_weights.reshape(-1)[pairs]  # [N*K], expert-sorted
+    tensors = weights_of([e for e, c in enumerate(counts) if c])
     start = 0
     for expert, count in enumerate(counts):
-        if count == 0:
-            continue
-        idx = rows[start : start + count]
-        y = experts.apply_expert(hidden_states[idx], *experts.expert_weights(expert))
-        out.index_add_(0, idx, (y * weights[start : start + count, None]).to(out.dtype))
+        idx, w = rows[start : start + count], weights[start : start + count]
         start += count
+        if count == 0 or tensors[expert] is None:
+            continue
+        y = experts.apply_expert(hidden_states[idx], *tensors[expert])
+        out.index_add_(0, idx, (y * w[:, None]).to(out.dtype))
     return out
+
+
+@register_experts_function("eager")
+def eager_experts(experts: Experts, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
+    """Reference: every expert's weights are the module's own stacked tensors."""
+    return run_experts(
+        experts, hidden_states, top_k_index, top_k_weights, lambda needed: {e: experts.expert_weights(e) for e in needed}
+    )

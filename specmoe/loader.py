@@ -39,14 +39,32 @@ def read_config(model_dir: str | Path):
     return AutoConfig.from_pretrained(path, local_files_only=True)
 
 
-def load_model(model_dir: str | Path, dtype: str | torch.dtype = "fp32", device: str | torch.device = "cpu") -> nn.Module:
-    """Load a checkpoint into our runtime: built on the meta device, then filled by name."""
+def load_model(
+    model_dir: str | Path, dtype: str | torch.dtype = "fp32", device: str | torch.device = "cpu", experts: bool = True
+) -> nn.Module:
+    """Load a checkpoint into our runtime: built on the meta device, then filled by name.
+
+    With ``experts=False`` only the dense part is loaded: routed experts' stacked tensors stay
+    empty (zero bytes) and their checkpoint tensors are never read; an ``ExpertRuntime``
+    supplies them.
+    """
     config = read_config(model_dir)
     checkpoint = Checkpoint(model_dir)
     cls = model_class(config.model_type)
     with torch.device("meta"):
         model = cls(config)
+    skip = frozenset() if experts else drop_expert_weights(model)
     model = model.to(dtype=parse_dtype(dtype)).to_empty(device=device)
     model.tie_weights()
-    load_weights(model, checkpoint, cls.checkpoint_names, parse_dtype(dtype))
+    load_weights(model, checkpoint, cls.checkpoint_names, parse_dtype(dtype), skip)
     return model.eval().requires_grad_(False)
+
+
+def drop_expert_weights(model: nn.Module) -> frozenset[str]:
+    """Replace every routed expert tensor by an empty one; returns the parameter names dropped."""
+    dropped = set()
+    for layer, block in model.moe_blocks():
+        for name in ("gate_up_proj", "down_proj"):
+            setattr(block.experts, name, nn.Parameter(torch.empty(0)))
+            dropped.add(f"model.layers.{layer}.mlp.experts.{name}")
+    return frozenset(dropped)

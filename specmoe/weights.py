@@ -108,15 +108,26 @@ def target_slice(param: torch.Tensor, expert: int | None, part: str) -> torch.Te
     return param[expert, :half] if part == "gate" else param[expert, half:]
 
 
-def load_weights(model: nn.Module, checkpoint: Checkpoint, table: tuple[WeightName, ...], dtype: torch.dtype) -> None:
-    """Fill ``model``'s parameters from ``checkpoint``; raise CheckpointError naming any mismatch."""
-    params = dict(model.named_parameters())
+def load_weights(
+    model: nn.Module,
+    checkpoint: Checkpoint,
+    table: tuple[WeightName, ...],
+    dtype: torch.dtype,
+    skip: frozenset[str] = frozenset(),
+) -> None:
+    """Fill ``model``'s parameters from ``checkpoint``; raise CheckpointError naming any mismatch.
+
+    Parameters named in ``skip`` are neither read nor required (a decoder's remote experts).
+    """
+    params = {name: p for name, p in model.named_parameters() if name not in skip}
     tied = getattr(model, "tied_names", {})
     plan, unexpected = [], []
     for name in checkpoint.names():
         if any(p.match(name) for p in IGNORED) or name in tied:
             continue
-        target = match_name(name, table) or ((name, None, "whole") if name in params else None)
+        target = match_name(name, table) or ((name, None, "whole") if name in params or name in skip else None)
+        if target is not None and target[0] in skip:
+            continue
         if target is None or target[0] not in params:
             unexpected.append(name)
         else:
@@ -162,3 +173,49 @@ def _param_matches(template: str, name: str) -> bool:
 def _render(row: WeightName, param_name: str, expert: int) -> str:
     layer = re.search(r"layers\.(\d+)\.", param_name)
     return row.checkpoint.replace("{l}", layer.group(1) if layer else "").replace("{e}", str(expert))
+
+
+EXPERT_PARAM = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
+
+
+class ExpertReader:
+    """Reads one routed expert at a time from a checkpoint, in the engine's layout:
+    ``(gate_up [2I, H], down [H, I])``, whichever naming the checkpoint uses.
+
+    Fused tensors are sliced through safetensors' memory map, so reading an expert never
+    loads its layer's other experts.
+    """
+
+    def __init__(self, checkpoint: Checkpoint, table: tuple[WeightName, ...]):
+        self.checkpoint = checkpoint
+        # (layer, param) -> [(checkpoint name, expert or None, part)]
+        self.sources: dict[tuple[int, str], list[tuple[str, int | None, str]]] = {}
+        for name in checkpoint.names():
+            target = match_name(name, table) or (name, None, "whole")
+            m = EXPERT_PARAM.match(target[0])
+            if m:
+                self.sources.setdefault((int(m.group(1)), m.group(2)), []).append((name, target[1], target[2]))
+        self.layers = sorted({layer for layer, _ in self.sources})
+
+    def read(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if (layer, "gate_up_proj") not in self.sources:
+            raise KeyError(f"layer {layer} has no routed experts in this checkpoint; layers with experts: {self.layers}")
+        return self._param(layer, "gate_up_proj", expert), self._param(layer, "down_proj", expert)
+
+    def _param(self, layer: int, param: str, expert: int) -> torch.Tensor:
+        parts = {}
+        for name, e, part in self.sources[(layer, param)]:
+            if part == "whole":
+                with safe_open(self.checkpoint.files[name], framework="pt") as f:
+                    stacked = f.get_slice(name)
+                    if not 0 <= expert < stacked.get_shape()[0]:
+                        raise KeyError(f"expert {expert} out of range for {name} with {stacked.get_shape()[0]} experts")
+                    return stacked[expert]
+            if e == expert:
+                parts[part] = name
+        if not parts:
+            raise KeyError(f"expert {expert} of layer {layer} is not in this checkpoint")
+        tensors = self.checkpoint.read(list(parts.values()))
+        if param == "down_proj":
+            return tensors[parts["expert"]]
+        return torch.cat([tensors[parts["gate"]], tensors[parts["up"]]], dim=0)

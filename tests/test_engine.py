@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from specmoe.engine import Engine, EngineConfig
+from specmoe.config import DecoderConfig, EngineConfig
+from specmoe.engine import Engine
 from specmoe.sampling import SamplingParams
 
 PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16], [17]]
@@ -82,8 +83,14 @@ def test_abort_frees_the_slot(engine):
 def test_bad_engine_config_is_named():
     with pytest.raises(ValueError, match="max_batch_size"):
         EngineConfig(max_batch_size=0)
-    with pytest.raises(ValueError, match="registered"):
-        EngineConfig(experts_implementation="nope")
+    with pytest.raises(ValueError, match="allowed: resident, ondemand, pregate, specmoe"):
+        DecoderConfig(mode="nope")
+    with pytest.raises(ValueError, match=r"k must be an integer in \[0, k_max=4\] or 'auto'"):
+        DecoderConfig(k=5)
+    with pytest.raises(ValueError, match="cache_budget"):
+        DecoderConfig(cache_budget=0)
+    with pytest.raises(ValueError, match="draft policy"):
+        DecoderConfig(draft_policy="oracle")
 
 
 def test_bf16_logits_close_to_fp32_within_bf16_tolerance(checkpoints):

@@ -81,7 +81,7 @@ class MixtralSparseMoeBlock(nn.Module):
         num_experts = num_experts or config.num_local_experts
         intermediate_size = intermediate_size or config.intermediate_size
         top_k, hidden = config.num_experts_per_tok, config.hidden_size
-        self.gate = TopKRouter(hidden, num_experts, top_k, norm_topk_prob, cast_weights)
+        self.gate = TopKRouter(hidden, num_experts, top_k, norm_topk_prob, cast_weights, layer_idx)
         self.experts = Experts(num_experts, hidden, intermediate_size, config.hidden_act, layer_idx)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

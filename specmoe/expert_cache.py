@@ -1,0 +1,141 @@
+"""The decoder's expert cache: a byte budget, a pinned hot set, and an eviction policy.
+
+Keys are ``(layer, expert)``. The cache holds whatever the caller stores (weights on the
+decoder's device) and accounts for it by the byte size given at ``put``. It never holds more
+than its budget: an expert that cannot fit without evicting a pinned one is not admitted.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+Key = tuple[int, int]
+POLICIES = ("lru", "lfu")
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    admitted: int = 0
+    evicted: int = 0
+    refused: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+
+class ExpertCache:
+    """Byte-bounded expert cache.
+
+    * ``pinned`` experts (the hot set from a routing profile) are never evicted;
+    * the rest are evicted by ``policy``: ``lru`` (least recently used) or ``lfu`` (least
+      frequently used since admission, ties broken by recency).
+    """
+
+    def __init__(self, budget_bytes: int, policy: str = "lru"):
+        if budget_bytes < 0:
+            raise ValueError(f"cache budget must be >= 0 bytes, got {budget_bytes}")
+        if policy not in POLICIES:
+            raise ValueError(f"unknown eviction policy {policy!r}; allowed: {', '.join(POLICIES)}")
+        self.budget = budget_bytes
+        self.policy = policy
+        self.entries: OrderedDict[Key, tuple[Any, int]] = OrderedDict()  # oldest use first
+        self.pinned: set[Key] = set()
+        self.uses: Counter[Key] = Counter()
+        self.used_bytes = 0
+        self.peak_bytes = 0
+        self.stats = CacheStats()
+
+    def __contains__(self, key: Key) -> bool:
+        return key in self.entries
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def resident(self, layer: int) -> set[int]:
+        return {e for (l, e) in self.entries if l == layer}
+
+    def peek(self, key: Key) -> Any | None:
+        """The value without touching statistics or recency."""
+        entry = self.entries.get(key)
+        return entry[0] if entry else None
+
+    def get(self, key: Key) -> Any | None:
+        """Look up an expert for use: counts a hit or a miss and refreshes recency."""
+        entry = self.entries.get(key)
+        if entry is None:
+            self.stats.misses += 1
+            return None
+        self.stats.hits += 1
+        self.entries.move_to_end(key)
+        self.uses[key] += 1
+        return entry[0]
+
+    def put(self, key: Key, value: Any, nbytes: int, pin: bool = False) -> bool:
+        """Admit an expert, evicting unpinned ones as needed. Returns whether it was admitted."""
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            self.pinned |= {key} if pin else set()
+            return True
+        if not self._make_room(nbytes):
+            self.stats.refused += 1
+            return False
+        self.entries[key] = (value, nbytes)
+        self.used_bytes += nbytes
+        self.peak_bytes = max(self.peak_bytes, self.used_bytes)
+        self.uses[key] = 1
+        if pin:
+            self.pinned.add(key)
+        self.stats.admitted += 1
+        assert self.used_bytes <= self.budget  # invariant, not input validation
+        return True
+
+    def _make_room(self, nbytes: int) -> bool:
+        if nbytes > self.budget:
+            return False
+        victims = self._eviction_order()
+        free = self.budget - self.used_bytes
+        chosen = []
+        for key in victims:
+            if free >= nbytes:
+                break
+            chosen.append(key)
+            free += self.entries[key][1]
+        if free < nbytes:
+            return False
+        for key in chosen:
+            self._evict(key)
+        return True
+
+    def _eviction_order(self) -> list[Key]:
+        candidates = [k for k in self.entries if k not in self.pinned]  # oldest use first
+        if self.policy == "lfu":
+            recency = {k: i for i, k in enumerate(candidates)}
+            candidates.sort(key=lambda k: (self.uses[k], recency[k]))
+        return candidates
+
+    def _evict(self, key: Key) -> None:
+        _, nbytes = self.entries.pop(key)
+        self.used_bytes -= nbytes
+        self.uses.pop(key, None)
+        self.stats.evicted += 1
+
+    def pin_hot_set(self, ranked: Iterable[Key], load, max_bytes: int) -> list[Key]:
+        """Pin experts in ``ranked`` order (hottest first) until ``max_bytes`` is used.
+
+        ``load(key) -> (value, nbytes)`` supplies the weights. Returns the keys pinned.
+        """
+        pinned = []
+        for key in ranked:
+            value, nbytes = load(key)
+            if self.used_bytes + nbytes > min(max_bytes, self.budget):
+                break
+            self.put(key, value, nbytes, pin=True)
+            pinned.append(key)
+        return pinned

@@ -1,0 +1,299 @@
+"""Experts that live elsewhere: the decoder-side runtime behind the ``offloaded`` experts function.
+
+An ``ExpertRuntime`` is attached to every ``Experts`` module of a decoder whose experts are
+not all local. It owns the expert cache, the requests in flight, the optional low-bit shadow
+copies, and the counters that the metrics report. It works in one of two phases:
+
+* ``exact`` - the model's own routing; every needed expert is used with its real weights:
+  from the cache, from a request already in flight, or fetched now (a miss, and a stall);
+* ``draft`` - draft routing: nothing is fetched. Under the ``resident`` draft policy the
+  router's choice is restricted to resident experts (weights renormalised); under ``shadow``
+  a non-resident expert runs from its low-bit copy.
+
+Router hooks feed predictions: in draft phase the unrestricted top-k of every draft token is
+recorded as the layer's predicted set and requested at once (earliest layers first, so
+transfers overlap drafting); with lookahead on, layer l+1's router applied to layer l's
+hidden state requests layer l+1's experts while layer l computes.
+
+Letters as in ``specmoe.layers``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from specmoe.config import DRAFT_POLICIES
+from specmoe.expert_cache import ExpertCache, Key
+from specmoe.layers import Experts, register_experts_function, run_experts
+
+# What a source delivers for one expert: (gate_up [2I, H], down [H, I]).
+ExpertTensors = tuple[torch.Tensor, torch.Tensor]
+FetchFn = Callable[[int, list[int]], dict[int, Future]]
+
+
+@dataclass
+class FetchCounters:
+    """What moved and what it cost; the words match ``specmoe.speculative``."""
+
+    bytes_moved: int = 0
+    fetch_requests: int = 0  # one per (layer, expert) transfer
+    prefetched: int = 0  # requested from a prediction, before verification needed it
+    misses: int = 0  # needed by an exact pass, not resident and not in flight: fetched on demand
+    stall_s: float = 0.0  # time an exact pass waited on transfers
+    shadow_uses: int = 0  # draft-phase uses of a low-bit copy
+    predicted: dict[int, set[int]] = field(default_factory=dict)  # this round, per layer
+    needed: dict[int, set[int]] = field(default_factory=dict)  # this round's exact pass, per layer
+    true_positives: int = 0
+    predicted_total: int = 0
+    needed_total: int = 0
+    peak_staged_bytes: int = 0
+
+    def close_round(self, score: bool) -> None:
+        """Score this round's predicted sets against what verification needed (micro-averaged);
+        rounds without a draft (prefill, k = 0) predict nothing and are not scored."""
+        if score:
+            tp, p, n = prediction_counts(self.predicted, self.needed)
+            self.true_positives += tp
+            self.predicted_total += p
+            self.needed_total += n
+        self.predicted, self.needed = {}, {}
+
+    @property
+    def precision(self) -> float:
+        return self.true_positives / self.predicted_total if self.predicted_total else 0.0
+
+    @property
+    def recall(self) -> float:
+        return self.true_positives / self.needed_total if self.needed_total else 0.0
+
+
+def prediction_counts(predicted: dict[int, set[int]], needed: dict[int, set[int]]) -> tuple[int, int, int]:
+    """(true positives, predicted, needed) summed over layers, for the layers verification ran."""
+    tp = p = n = 0
+    for layer, need in needed.items():
+        pred = predicted.get(layer, set())
+        tp += len(pred & need)
+        p += len(pred)
+        n += len(need)
+    return tp, p, n
+
+
+class ExpertRuntime:
+    """The decoder's view of remote experts: cache, in-flight requests, shadow, phase."""
+
+    def __init__(
+        self,
+        fetch: FetchFn,
+        cache: ExpertCache,
+        num_experts: dict[int, int],
+        draft_policy: str = "resident",
+        shadow: dict | None = None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
+        if draft_policy not in DRAFT_POLICIES:
+            raise ValueError(f"unknown draft policy {draft_policy!r}; allowed: {', '.join(DRAFT_POLICIES)}")
+        if draft_policy == "shadow" and shadow is None:
+            raise ValueError("the shadow draft policy needs shadow copies of the experts")
+        self.fetch_fn = fetch
+        self.cache = cache
+        self.num_experts = num_experts  # layer -> experts in that layer
+        self.draft_policy = draft_policy
+        self.shadow = shadow if shadow is not None else {}  # Key -> (quantized gate_up, quantized down)
+        self.shadow_bytes = 0
+        self.startup_bytes = 0
+        self.total_expert_bytes = 0
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.phase = "exact"
+        self.lookahead = False
+        self.in_flight: dict[Key, Future] = {}
+        self.staged: dict[Key, ExpertTensors] = {}  # fetched for the coming exact pass
+        self.counters = FetchCounters()
+        self.next_router: dict[int, torch.nn.Module] = {}  # layer -> router of the next MoE layer
+
+    # -- requests -------------------------------------------------------------------------
+
+    def request(self, layer: int, experts: list[int], prefetch: bool) -> None:
+        """Ask the source for experts not resident, staged or in flight (one batched request)."""
+        wanted = [
+            e for e in experts if (layer, e) not in self.cache and (layer, e) not in self.staged and (layer, e) not in self.in_flight
+        ]
+        if not wanted:
+            return
+        futures = self.fetch_fn(layer, wanted)
+        for e in wanted:
+            self.in_flight[(layer, e)] = futures[e]
+        self.counters.fetch_requests += len(wanted)
+        self.counters.prefetched += len(wanted) if prefetch else 0
+
+    def _collect(self, keys: list[Key]) -> None:
+        """Wait for the given in-flight requests and stage their weights on the device."""
+        started = time.perf_counter()
+        for key in keys:
+            gate_up, down = self.in_flight.pop(key).result()
+            self.counters.bytes_moved += gate_up.nbytes + down.nbytes
+            self.staged[key] = (gate_up.to(self.device, self.dtype), down.to(self.device, self.dtype))
+        self.counters.stall_s += time.perf_counter() - started
+        staged = sum(g.nbytes + d.nbytes for g, d in self.staged.values())
+        self.counters.peak_staged_bytes = max(self.counters.peak_staged_bytes, staged)
+
+    def admit_staged(self) -> None:
+        """After an exact pass: fetched experts enter the cache (as its policy allows)."""
+        for key, (gate_up, down) in self.staged.items():
+            self.cache.put(key, (gate_up, down), gate_up.nbytes + down.nbytes)
+        self.staged.clear()
+
+    # -- setting up -----------------------------------------------------------------------
+
+    def fetch_now(self, layer: int, experts: list[int]) -> dict[int, ExpertTensors]:
+        futures = self.fetch_fn(layer, experts)
+        out = {}
+        for e in experts:
+            gate_up, down = futures[e].result()
+            self.counters.bytes_moved += gate_up.nbytes + down.nbytes
+            out[e] = (gate_up.to(self.device, self.dtype), down.to(self.device, self.dtype))
+        return out
+
+    def pin(self, ranked: list[Key], max_bytes: int) -> list[Key]:
+        """Pin the hottest experts (``ranked`` hottest first) into the cache, up to ``max_bytes``."""
+
+        def load(key: Key):
+            gate_up, down = self.fetch_now(key[0], [key[1]])[key[1]]
+            return (gate_up, down), gate_up.nbytes + down.nbytes
+
+        return self.cache.pin_hot_set([k for k in ranked if k[0] in self.num_experts], load, max_bytes)
+
+    def build_shadow(self, layers: list[tuple[int, int]], bits: int, group_size: int) -> None:
+        """Keep a group-wise ``bits``-bit copy of every expert for drafting."""
+        from specmoe.quant import quantize
+
+        for layer, count in layers:
+            for e, (gate_up, down) in self.fetch_now(layer, list(range(count))).items():
+                q = (quantize(gate_up, bits, group_size), quantize(down, bits, group_size))
+                self.shadow[(layer, e)] = q
+        self.shadow_bytes = sum(a.nbytes + b.nbytes for a, b in self.shadow.values())
+
+    # -- weights for one layer's pass -----------------------------------------------------
+
+    def weights(self, layer: int, experts: list[int]) -> dict[int, ExpertTensors | None]:
+        if self.phase == "draft":
+            return {e: self._draft_weights((layer, e)) for e in experts}
+        self.counters.needed.setdefault(layer, set()).update(experts)
+        out = {}
+        for e in experts:
+            hit = self.cache.get((layer, e))
+            if hit is not None:
+                out[e] = hit
+        missing = [e for e in experts if e not in out and (layer, e) not in self.staged and (layer, e) not in self.in_flight]
+        self.counters.misses += len(missing)
+        self.request(layer, missing, prefetch=False)
+        self._collect([(layer, e) for e in experts if (layer, e) in self.in_flight])
+        out.update({e: self.staged[(layer, e)] for e in experts if e not in out})
+        return out
+
+    def _draft_weights(self, key: Key) -> ExpertTensors | None:
+        resident = self.cache.peek(key)
+        if resident is not None:
+            return resident
+        if key in self.in_flight and self.in_flight[key].done():
+            self._collect([key])  # arrived already: draft with the exact weights, at no wait
+        if key in self.staged:
+            return self.staged[key]
+        if self.draft_policy == "shadow":
+            self.counters.shadow_uses += 1
+            gate_up, down = self.shadow[key]
+            return gate_up.dequantize(self.dtype), down.dequantize(self.dtype)
+        return None  # resident policy: only reachable with weight 0 (fewer resident than top-k)
+
+    # -- router hooks ---------------------------------------------------------------------
+
+    def route(self, router, x, logits, weights, indices):
+        """The hook on every router: predictions in draft phase, lookahead in exact phase."""
+        if self.phase == "draft":
+            predicted = sorted(set(indices.reshape(-1).tolist()))  # sync: a prediction must reach the host to be requested
+            self.counters.predicted.setdefault(router.layer, set()).update(predicted)
+            self.request(router.layer, predicted, prefetch=True)
+            if self.draft_policy == "resident":
+                allowed = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)  # [E]
+                allowed[list(self.cache.resident(router.layer))] = True
+                weights, indices = router.select(logits, allowed)
+        elif self.lookahead and router.layer in self.next_router:
+            nxt = self.next_router[router.layer]
+            _, ahead = nxt.select(F.linear(x, nxt.weight))  # [N, K]
+            self.request(nxt.layer, sorted(set(ahead.reshape(-1).tolist())), prefetch=True)  # sync: see above
+        return logits, weights, indices
+
+
+@register_experts_function("offloaded")
+def offloaded_experts(experts: Experts, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
+    """Each expert's weights come from the attached ``ExpertRuntime``."""
+    return run_experts(
+        experts, hidden_states, top_k_index, top_k_weights, lambda needed: experts.runtime.weights(experts.layer, needed)
+    )
+
+
+def completed(value) -> Future:
+    future: Future = Future()
+    future.set_result(value)
+    return future
+
+
+def checkpoint_fetcher(model_dir) -> FetchFn:
+    """An in-process source: experts read from the checkpoint directory on request."""
+    from specmoe.loader import read_config
+    from specmoe.models import model_class
+    from specmoe.weights import Checkpoint, ExpertReader
+
+    table = model_class(read_config(model_dir).model_type).checkpoint_names
+    reader = ExpertReader(Checkpoint(model_dir), table)
+    return lambda layer, experts: {e: completed(reader.read(layer, e)) for e in experts}
+
+
+def attach_runtime(model, fetch: FetchFn, config, device: torch.device | str = "cpu") -> ExpertRuntime:
+    """Make ``model``'s experts remote: attach one ExpertRuntime to every MoE layer.
+
+    Sizes the cache from ``config.cache_budget``, pins the routing profile's hottest experts,
+    and (shadow draft policy) builds the low-bit copies. Bytes moved while setting up are
+    kept apart from the run's counters (``runtime.startup_bytes``).
+    """
+    blocks = model.moe_blocks()
+    dtype = next(model.parameters()).dtype
+    hidden = model.config.hidden_size
+    item = torch.empty((), dtype=dtype).element_size()
+    expert_bytes = {layer: 3 * b.experts.intermediate_size * hidden * item for layer, b in blocks}
+    total = sum(expert_bytes[layer] * b.experts.num_experts for layer, b in blocks)
+    cache = ExpertCache(config.budget_bytes(total), config.eviction)
+    use_shadow = config.mode == "specmoe" and config.draft_policy == "shadow"
+    runtime = ExpertRuntime(
+        fetch,
+        cache,
+        {layer: b.experts.num_experts for layer, b in blocks},
+        config.draft_policy if config.mode == "specmoe" else "resident",
+        {} if use_shadow else None,
+        device,
+        dtype,
+    )
+    runtime.total_expert_bytes = total
+    for (layer, block), nxt in zip(blocks, blocks[1:] + [(None, None)]):
+        block.experts.implementation = "offloaded"
+        block.experts.runtime = runtime
+        block.gate.hook = runtime.route
+        if nxt[1] is not None:
+            runtime.next_router[layer] = nxt[1].gate
+    if config.profile is not None:
+        from specmoe.profile import RoutingProfile
+
+        ranked = RoutingProfile.load(config.profile).ranked()
+        runtime.pin(ranked, int(config.pinned_fraction * cache.budget))
+    if use_shadow:
+        runtime.build_shadow([(layer, b.experts.num_experts) for layer, b in blocks], config.shadow_bits, config.shadow_group_size)
+    runtime.startup_bytes = runtime.counters.bytes_moved
+    runtime.counters = FetchCounters()
+    return runtime
