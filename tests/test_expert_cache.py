@@ -1,0 +1,143 @@
+"""Expert cache budget and eviction, prediction scoring, the k controller, quantization."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from specmoe.adaptive import SpeculationController
+from specmoe.expert_cache import ExpertCache
+from specmoe.offload import FetchCounters, prediction_counts
+from specmoe.profile import RoutingProfile
+from specmoe.quant import quantize
+
+
+def test_cache_never_exceeds_its_budget_under_random_traffic():
+    cache = ExpertCache(budget_bytes=1000, policy="lru")
+    rng = random.Random(0)
+    cache.put((0, 0), "hot", 300, pin=True)
+    for _ in range(2000):
+        key = (rng.randrange(4), rng.randrange(8))
+        if cache.get(key) is None:
+            cache.put(key, "w", rng.choice([100, 150, 250, 400]))
+        assert cache.used_bytes <= cache.budget
+        assert cache.used_bytes == sum(n for _, n in cache.entries.values())
+        assert (0, 0) in cache  # pinned: never evicted
+    assert cache.peak_bytes <= cache.budget
+
+
+def test_lru_evicts_least_recently_used():
+    cache = ExpertCache(300, "lru")
+    for e in range(3):
+        cache.put((0, e), e, 100)
+    cache.get((0, 0))
+    cache.put((0, 3), 3, 100)
+    assert sorted(e for _, e in cache.entries) == [0, 2, 3]
+
+
+def test_lfu_evicts_least_frequently_used():
+    cache = ExpertCache(300, "lfu")
+    for e in range(3):
+        cache.put((0, e), e, 100)
+    for _ in range(3):
+        cache.get((0, 0))
+    cache.get((0, 1))
+    cache.get((0, 2))
+    cache.get((0, 2))
+    cache.put((0, 3), 3, 100)
+    assert sorted(e for _, e in cache.entries) == [0, 2, 3]
+
+
+def test_an_expert_that_cannot_fit_is_refused_not_forced_in():
+    cache = ExpertCache(250, "lru")
+    cache.put((0, 0), "pinned", 200, pin=True)
+    assert not cache.put((0, 1), "big", 100)
+    assert not cache.put((0, 2), "huge", 300)
+    assert cache.used_bytes == 200 and cache.stats.refused == 2
+
+
+def test_hit_rate_and_residency():
+    cache = ExpertCache(1000)
+    cache.put((1, 4), "w", 10)
+    cache.put((2, 4), "w", 10)
+    assert cache.get((1, 4)) == "w" and cache.get((1, 5)) is None
+    assert cache.stats.hit_rate == 0.5
+    assert cache.resident(1) == {4}
+
+
+def test_bad_cache_arguments():
+    with pytest.raises(ValueError, match="allowed: lru, lfu"):
+        ExpertCache(10, "fifo")
+    with pytest.raises(ValueError, match=">= 0 bytes"):
+        ExpertCache(-1)
+
+
+def test_prediction_precision_and_recall_on_a_hand_made_trace():
+    # round 1: layer 0 predicted {1,2,3}, needed {2,3,4}; layer 1 predicted {0}, needed {0,5}
+    # round 2: layer 0 predicted {1}, needed {1}; layer 1 predicted {2,6}, needed {6}
+    # tp = 2+1+1+1 = 5; predicted = 3+1+1+2 = 7; needed = 3+2+1+1 = 7
+    counters = FetchCounters()
+    counters.predicted, counters.needed = {0: {1, 2, 3}, 1: {0}}, {0: {2, 3, 4}, 1: {0, 5}}
+    counters.close_round(score=True)
+    counters.predicted, counters.needed = {0: {1}, 1: {2, 6}}, {0: {1}, 1: {6}}
+    counters.close_round(score=True)
+    counters.predicted, counters.needed = {}, {0: {7}}  # a prefill round is not scored
+    counters.close_round(score=False)
+    assert counters.precision == pytest.approx(5 / 7)
+    assert counters.recall == pytest.approx(5 / 7)
+    assert prediction_counts({0: {1, 2}}, {0: {2}, 1: {3}}) == (1, 2, 2)
+
+
+def test_controller_turns_speculation_off_when_it_does_not_pay():
+    ctl = SpeculationController(k_max=4, explore_every=1000)
+    assert ctl.choose() == 4  # measure the most speculative round first
+    for _ in range(30):  # drafting is as slow as verifying and nothing is ever accepted
+        ctl.update(4, [4, 4], [0, 0], draft_s=4.0, verify_s=1.2)
+        ctl.update(0, [0, 0], [0, 0], draft_s=0.0, verify_s=1.0)
+    assert ctl.choose() == 0
+
+
+def test_controller_speculates_when_drafts_are_cheap_and_accepted():
+    ctl = SpeculationController(k_max=4, explore_every=1000)
+    for _ in range(30):
+        ctl.update(4, [4, 4], [4, 3], draft_s=0.4, verify_s=1.1)
+        ctl.update(0, [0, 0], [0, 0], draft_s=0.0, verify_s=1.0)
+    assert ctl.choose() == 4
+    assert ctl.acceptance > 0.8
+
+
+def test_fixed_k_is_respected_and_validated():
+    assert SpeculationController(k_max=4, fixed_k=2).choose() == 2
+    with pytest.raises(ValueError, match="k must be in"):
+        SpeculationController(k_max=2, fixed_k=3)
+
+
+@pytest.mark.parametrize("bits, tolerance", [(8, 0.01), (4, 0.16)])
+def test_groupwise_quantization_round_trip(bits, tolerance):
+    w = torch.randn(48, 64, generator=torch.Generator().manual_seed(0))
+    q = quantize(w, bits, group_size=32)
+    err = (q.dequantize() - w).abs()
+    # each value is off by at most half a quantization step of its group
+    step = w.reshape(48, 2, 32).abs().amax(-1) / (127 if bits == 8 else 7)
+    assert torch.all(err.reshape(48, 2, 32) <= step[..., None] / 2 + 1e-3)
+    assert err.max() < tolerance * w.abs().max()
+    assert q.nbytes == (48 * 64 * bits) // 8 + 48 * 2 * 2
+
+
+def test_quantize_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="divide the last dimension"):
+        quantize(torch.zeros(4, 30), 4, 32)
+    with pytest.raises(ValueError, match="bits"):
+        quantize(torch.zeros(4, 32), 3, 32)
+
+
+def test_routing_profile_ranks_and_round_trips(tmp_path):
+    p = RoutingProfile("mixtral", 4)
+    p.add(0, torch.tensor([[0, 1], [0, 2], [0, 1]]))
+    p.add(1, torch.tensor([[3, 2]]))
+    assert p.counts == {0: [3, 2, 1, 0], 1: [0, 0, 1, 1]}
+    assert p.ranked()[:3] == [(0, 0), (1, 2), (1, 3)]
+    p.save(tmp_path / "p.json")
+    assert RoutingProfile.load(tmp_path / "p.json") == p
