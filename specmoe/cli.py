@@ -14,22 +14,62 @@ from collections.abc import Callable
 from specmoe.detokenizer import IncrementalDetokenizer
 
 
-def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     from specmoe.config import SHIPPED_MODEL
 
     parser.add_argument("--model", default=str(SHIPPED_MODEL), help="Hugging Face model directory (default: the shipped model)")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+
+
+def add_decoder_arguments(parser: argparse.ArgumentParser) -> None:
+    from specmoe.config import DRAFT_POLICIES, MODES
+
+    parser.add_argument("--mode", choices=MODES, default="resident", help="where experts live and how transfers are hidden")
+    parser.add_argument("--draft-policy", choices=DRAFT_POLICIES, default="shadow", help="how specmoe drafts without moving bytes")
+    parser.add_argument("--k", default="auto", help="draft tokens per round: an integer or 'auto' (default)")
+    parser.add_argument("--k-max", type=int, default=4)
+    parser.add_argument("--cache-budget", default="0.25", help="expert cache: fraction of expert bytes (0.25) or bytes (64MB)")
+    parser.add_argument("--profile", default=None, help="routing profile (from `specmoe profile`) whose hottest experts are pinned")
+    parser.add_argument("--experts", choices=["local", "ray", "grpc"], default="local",
+                        help="where non-resident experts come from: in-process, an ExpertStore over Ray, or over gRPC")
+
+
+def decoder_config(args: argparse.Namespace):
+    from specmoe.config import DecoderConfig, parse_budget
+
+    k = args.k if args.k == "auto" else _int(args.k, "--k")
+    return DecoderConfig(
+        mode=args.mode,
+        draft_policy=args.draft_policy,
+        k=k,
+        k_max=args.k_max,
+        cache_budget=parse_budget(args.cache_budget),
+        profile=args.profile,
+    )
+
+
+def _int(text: str, flag: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{flag} must be an integer or 'auto', got {text!r}") from None
+
+
+def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
     parser.add_argument("--prompt", required=True, help="text to continue")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0, help="0 = off")
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    add_decoder_arguments(parser)
 
 
 def run_generate(args: argparse.Namespace) -> int:
     from specmoe.config import EngineConfig
     from specmoe.engine import Engine
+    from specmoe.metrics import summarize
     from specmoe.sampling import SamplingParams
 
     params = SamplingParams(
@@ -39,31 +79,72 @@ def run_generate(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         seed=args.seed,
     )
+    config = EngineConfig(model=args.model, dtype=args.dtype, max_batch_size=1, decoder=decoder_config(args))
     started = time.perf_counter()
-    engine = Engine(EngineConfig(model=args.model, dtype=args.dtype, max_batch_size=1))
-    loaded = time.perf_counter()
-    detok = IncrementalDetokenizer(engine.tokenizer)
-    n = 0
-    for token_ids in engine.stream(args.prompt, params):
-        if n == 0:
-            first = time.perf_counter()
-        n += len(token_ids)
-        sys.stdout.write(detok.push(token_ids))
-        sys.stdout.flush()
-    sys.stdout.write(detok.flush() + "\n")
-    done = time.perf_counter()
-    decode_rate = (n - 1) / (done - first) if n > 1 else 0.0
-    print(
-        f"[specmoe] load {loaded - started:.2f}s | {n} tokens | first token {first - loaded:.3f}s | "
-        f"decode {decode_rate:.1f} tok/s",
-        file=sys.stderr,
-    )
+    with expert_source(args, config) as fetch:
+        engine = Engine(config, fetch=fetch)
+        loaded = time.perf_counter()
+        detok = IncrementalDetokenizer(engine.tokenizer)
+        n = 0
+        for token_ids in engine.stream(args.prompt, params):
+            n += len(token_ids)
+            sys.stdout.write(detok.push(token_ids))
+            sys.stdout.flush()
+        sys.stdout.write(detok.flush() + "\n")
+        wall = time.perf_counter() - loaded
+    print(f"[specmoe] model loaded in {loaded - started:.2f}s", file=sys.stderr)
+    print_metrics(summarize(engine, n, wall))
+    return 0
+
+
+def expert_source(args: argparse.Namespace, config):
+    """A context giving the fetch function for ``--experts`` (None: read in-process)."""
+    import contextlib
+
+    if args.experts == "local" or config.decoder.mode == "resident":
+        return contextlib.nullcontext(None)
+    from cluster.local import remote_experts
+
+    return remote_experts(config.model, args.experts)
+
+
+def print_metrics(metrics: dict) -> None:
+    width = max(len(k) for k in metrics)
+    for name, value in metrics.items():
+        shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+        print(f"[specmoe] {name:<{width}}  {shown}", file=sys.stderr)
+
+
+def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--text", required=True, help="calibration text file (prompts are windows of it)")
+    parser.add_argument("--out", required=True, help="where to write the profile (JSON)")
+    parser.add_argument("--prompts", type=int, default=32, help="number of calibration prompts")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+
+
+def run_profile(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from specmoe.config import EngineConfig
+    from specmoe.engine import Engine
+    from specmoe.profile import calibration_prompts, record_profile
+
+    text_path = Path(args.text)
+    if not text_path.is_file():
+        raise ValueError(f"calibration text {args.text!r} does not exist")
+    engine = Engine(EngineConfig(model=args.model, dtype=args.dtype, max_batch_size=16))
+    prompts = calibration_prompts(text_path.read_text(encoding="utf-8"), args.prompts)
+    profile = record_profile(engine, prompts, args.max_new_tokens)
+    profile.save(args.out)
+    print(f"[specmoe] profiled {profile.tokens} tokens over {len(profile.counts)} layers -> {args.out}", file=sys.stderr)
     return 0
 
 
 Command = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 COMMANDS: list[Command] = [
     ("generate", "generate text from a prompt (streams to stdout)", add_generate_arguments, run_generate),
+    ("profile", "record how often each expert is routed to on calibration text", add_profile_arguments, run_profile),
 ]
 
 

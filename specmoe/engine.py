@@ -152,7 +152,12 @@ class Engine:
         return outputs
 
     def _draft(self, seqs: list[Sequence], k: int) -> None:
-        """Draft up to k tokens per running sequence in draft routing; KV entries are scratch."""
+        """Draft up to k tokens per running sequence in draft routing; KV entries are scratch.
+
+        After its last draft token a sequence takes one more draft step whose logits are
+        dropped: it only routes d_k, so that the predicted sets cover every position that
+        verification will process (t(n-1), d_1..d_k).
+        """
         for seq in seqs:
             seq.draft, seq.draft_probs = [], []
         running = [s for s in seqs if self.cache.lengths[s.slot] == len(s.tokens) - 1]
@@ -167,8 +172,9 @@ class Engine:
                 batch = self.cache.batch([s.slot for s in active], [1] * len(active))
                 with torch.inference_mode():
                     logits = self.model(torch.tensor(last, device=self.cache.k.device), batch, self.cache)  # [b, V]
-                self._take_draft_tokens(active, logits)
-                active = [s for s in active if len(s.draft) < room[s.request_id]]
+                drafting = [i for i, s in enumerate(active) if len(s.draft) < room[s.request_id]]
+                self._take_draft_tokens([active[i] for i in drafting], logits[drafting])
+                active = [active[i] for i in drafting]
         finally:
             self.runtime.phase = "exact"
         for seq in running:
