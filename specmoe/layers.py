@@ -247,19 +247,18 @@ def run_experts(
     draft's placeholder pick, whose routing weight is 0).
     hidden_states [N, H], top_k_index [N, K], top_k_weights [N, K] -> [N, H]
     """
-    out = torch.zeros_like(hidden_states)
     counts, rows, pairs = group_by_expert(top_k_index, experts.num_experts)
-    weights = top_k_weights.reshape(-1)[pairs]  # [N*K], expert-sorted
     tensors = weights_of([e for e, c in enumerate(counts) if c])
+    x = hidden_states[rows]  # [N*K, H], expert-sorted
+    y = torch.zeros_like(x) if None in tensors.values() else torch.empty_like(x)
     start = 0
     for expert, count in enumerate(counts):
-        idx, w = rows[start : start + count], weights[start : start + count]
+        if count and tensors[expert] is not None:
+            y[start : start + count] = experts.apply_expert(x[start : start + count], *tensors[expert])
         start += count
-        if count == 0 or tensors[expert] is None:
-            continue
-        y = experts.apply_expert(hidden_states[idx], *tensors[expert])
-        out.index_add_(0, idx, (y * w[:, None]).to(out.dtype))
-    return out
+    y = (y * top_k_weights.reshape(-1)[pairs, None]).to(hidden_states.dtype)
+    # rows are expert-sorted, so each token sums its experts in expert order (as transformers does)
+    return torch.zeros_like(hidden_states).index_add_(0, rows, y)
 
 
 @register_experts_function("eager")
