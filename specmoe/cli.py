@@ -103,7 +103,7 @@ def expert_source(args: argparse.Namespace, config):
 
     if args.experts == "local" or config.decoder.mode == "resident":
         return contextlib.nullcontext(None)
-    from cluster.local import remote_experts
+    from cluster.sources import remote_experts
 
     return remote_experts(config.model, args.experts)
 

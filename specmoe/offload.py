@@ -52,7 +52,7 @@ class FetchCounters:
     true_positives: int = 0
     predicted_total: int = 0
     needed_total: int = 0
-    peak_staged_bytes: int = 0
+    peak_staged_bytes: int = 0  # fetched-but-not-cached plus dequantized shadow, within a round
 
     def close_round(self, score: bool) -> None:
         """Score this round's predicted sets against what verification needed (micro-averaged);
@@ -115,6 +115,7 @@ class ExpertRuntime:
         self.lookahead = False
         self.in_flight: dict[Key, Future] = {}
         self.staged: dict[Key, ExpertTensors] = {}  # fetched for the coming exact pass
+        self.decoded: dict[Key, ExpertTensors] = {}  # shadow copies dequantized this round
         self.counters = FetchCounters()
         self.next_router: dict[int, torch.nn.Module] = {}  # layer -> router of the next MoE layer
 
@@ -141,14 +142,19 @@ class ExpertRuntime:
             self.counters.bytes_moved += gate_up.nbytes + down.nbytes
             self.staged[key] = (gate_up.to(self.device, self.dtype), down.to(self.device, self.dtype))
         self.counters.stall_s += time.perf_counter() - started
-        staged = sum(g.nbytes + d.nbytes for g, d in self.staged.values())
-        self.counters.peak_staged_bytes = max(self.counters.peak_staged_bytes, staged)
+        self._note_round_bytes()
+
+    def _note_round_bytes(self) -> None:
+        held = sum(g.nbytes + d.nbytes for part in (self.staged, self.decoded) for g, d in part.values())
+        self.counters.peak_staged_bytes = max(self.counters.peak_staged_bytes, held)
 
     def admit_staged(self) -> None:
-        """After an exact pass: fetched experts enter the cache (as its policy allows)."""
+        """End of a round: fetched experts enter the cache (as its policy allows); the round's
+        dequantized shadow copies are dropped."""
         for key, (gate_up, down) in self.staged.items():
             self.cache.put(key, (gate_up, down), gate_up.nbytes + down.nbytes)
         self.staged.clear()
+        self.decoded.clear()
 
     # -- setting up -----------------------------------------------------------------------
 
@@ -208,8 +214,11 @@ class ExpertRuntime:
             return self.staged[key]
         if self.draft_policy == "shadow":
             self.counters.shadow_uses += 1
-            gate_up, down = self.shadow[key]
-            return gate_up.dequantize(self.dtype), down.dequantize(self.dtype)
+            if key not in self.decoded:  # dequantized once per round, reused by every draft step
+                gate_up, down = self.shadow[key]
+                self.decoded[key] = (gate_up.dequantize(self.dtype), down.dequantize(self.dtype))
+                self._note_round_bytes()
+            return self.decoded[key]
         return None  # resident policy: only reachable with weight 0 (fewer resident than top-k)
 
     # -- router hooks ---------------------------------------------------------------------
@@ -246,7 +255,11 @@ def completed(value) -> Future:
 
 
 def checkpoint_fetcher(model_dir) -> FetchFn:
-    """An in-process source: experts read from the checkpoint directory on request."""
+    """An in-process source: experts read from the checkpoint directory when requested.
+
+    Reads are synchronous on purpose: torch work on a second thread makes its own OpenMP
+    team, whose spinning threads slow the decoder's compute on a small machine.
+    """
     from specmoe.loader import read_config
     from specmoe.models import model_class
     from specmoe.weights import Checkpoint, ExpertReader

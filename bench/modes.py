@@ -1,0 +1,228 @@
+"""The modes side by side: resident, ondemand, pregate and specmoe against transformers.
+
+One process run, the same prompts (windows of the validation part of the corpus, so a
+model that memorised its training text is not flattered), every mode at every batch size:
+
+    python bench/modes.py --model ../shared/models/shakespeare-moe-8x8 --experts ray grpc
+
+Every mode generates ``--new-tokens`` greedy tokens per prompt (EOS ignored) and is timed
+end to end, prefill included; transformers ``generate`` runs the same prompts with every
+expert resident. Greedy tokens of every mode are checked against ``resident``. Writes
+``bench/results/modes-<model>.json``, ``.md`` and two PNG plots (throughput vs batch;
+expert bytes per token).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from specmoe.config import DecoderConfig, EngineConfig  # noqa: E402
+from specmoe.engine import Engine  # noqa: E402
+from specmoe.metrics import summarize  # noqa: E402
+from specmoe.profile import calibration_prompts, record_profile  # noqa: E402
+from specmoe.sampling import SamplingParams  # noqa: E402
+
+CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+
+@dataclass
+class BenchConfig:
+    model: str
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 4, 16, 32])
+    experts: list[str] = field(default_factory=lambda: ["ray", "grpc"])
+    prompt_len: int = 32
+    new_tokens: int = 48
+    cache_budget: float = 0.25
+    dtype: str = "fp32"
+    out: str = str(REPO / "bench" / "results")
+
+
+MODES = {
+    "resident": DecoderConfig(mode="resident"),
+    "ondemand": DecoderConfig(mode="ondemand"),
+    "pregate": DecoderConfig(mode="pregate"),
+    "specmoe-shadow-k4": DecoderConfig(mode="specmoe", draft_policy="shadow", k=4),
+    "specmoe-shadow-auto": DecoderConfig(mode="specmoe", draft_policy="shadow", k="auto"),
+    "specmoe-resident-k4": DecoderConfig(mode="specmoe", draft_policy="resident", k=4),
+    "specmoe-resident-auto": DecoderConfig(mode="specmoe", draft_policy="resident", k="auto"),
+}
+
+
+def validation_prompts(tokenizer, count: int, length: int) -> list[list[int]]:
+    text = CORPUS.read_text(encoding="utf-8")
+    validation = text[int(0.95 * len(text)) :]
+    windows = calibration_prompts(validation, count, chars=16 * length)
+    prompts = [tokenizer.encode(w, add_special_tokens=False)[:length] for w in windows]
+    if len(prompts) < count or any(len(p) < length for p in prompts):
+        raise ValueError(f"could not cut {count} prompts of {length} tokens from the validation text")
+    return prompts
+
+
+def make_profile(cfg: BenchConfig, out: Path) -> Path:
+    """A routing profile from training-part text (never the benchmark prompts)."""
+    text = CORPUS.read_text(encoding="utf-8")
+    engine = Engine(EngineConfig(model=cfg.model, dtype=cfg.dtype, max_batch_size=16))
+    profile = record_profile(engine, calibration_prompts(text[: int(0.9 * len(text))], 32), max_new_tokens=16)
+    profile.save(out)
+    return out
+
+
+def run_mode(cfg: BenchConfig, decoder: DecoderConfig, prompts, fetch) -> tuple[list[list[int]], dict]:
+    engine = Engine(EngineConfig(model=cfg.model, dtype=cfg.dtype, max_batch_size=len(prompts), decoder=decoder), fetch=fetch)
+    params = SamplingParams(max_new_tokens=cfg.new_tokens, ignore_eos=True)
+    engine.generate(prompts[:1], SamplingParams(max_new_tokens=2, ignore_eos=True))  # warm up
+    engine.counters = type(engine.counters)()
+    if engine.runtime is not None:
+        engine.runtime.counters = type(engine.runtime.counters)()
+        engine.runtime.cache.stats = type(engine.runtime.cache.stats)()
+    started = time.perf_counter()
+    outs = engine.generate(prompts, params)
+    wall = time.perf_counter() - started
+    return [o.token_ids for o in outs], summarize(engine, sum(len(o.token_ids) for o in outs), wall)
+
+
+def run_transformers(cfg: BenchConfig, prompts) -> tuple[list[list[int]], dict]:
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.float32 if cfg.dtype == "fp32" else torch.bfloat16
+    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype).eval()
+    ids = torch.tensor(prompts)  # equal lengths: no padding
+    kwargs = dict(do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        model.generate(ids[:1], attention_mask=torch.ones_like(ids[:1]), max_new_tokens=2, **kwargs)
+        started = time.perf_counter()
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=cfg.new_tokens, min_new_tokens=cfg.new_tokens, **kwargs
+        )
+        wall = time.perf_counter() - started
+    tokens = out[:, ids.shape[1] :].tolist()
+    n = sum(len(t) for t in tokens)
+    return tokens, {"generated_tokens": n, "wall_s": wall, "tokens_per_s": n / wall}
+
+
+def run(cfg: BenchConfig) -> dict:
+    from cluster.sources import remote_experts
+    from specmoe.engine import load_tokenizer
+
+    results_dir = Path(cfg.out)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    profile = make_profile(cfg, results_dir / f"profile-{Path(cfg.model).name}.json")
+    prompts_all = validation_prompts(load_tokenizer(cfg.model), max(cfg.batch_sizes), cfg.prompt_len)
+    rows = []
+    for transport in cfg.experts:
+        with remote_experts(cfg.model, transport) as fetch:
+            for batch in cfg.batch_sizes:
+                prompts = prompts_all[:batch]
+                reference, metrics = run_transformers(cfg, prompts)
+                rows.append({"transport": transport, "batch": batch, "mode": "transformers", "exact": True, **metrics})
+                resident = None
+                for name, decoder in MODES.items():
+                    decoder = DecoderConfig(**{**asdict(decoder), "cache_budget": cfg.cache_budget, "profile": profile})
+                    tokens, metrics = run_mode(cfg, decoder, prompts, fetch)
+                    resident = tokens if name == "resident" else resident
+                    row = {"transport": transport, "batch": batch, "mode": name, "exact": tokens == resident, **metrics}
+                    rows.append(row)
+                    print(f"[bench] {transport} B={batch:<3} {name:<22} {metrics['tokens_per_s']:8.1f} tok/s", file=sys.stderr)
+    return {"config": asdict(cfg), "machine": machine(), "command": " ".join(sys.argv), "rows": rows}
+
+
+def machine() -> dict:
+    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")), "")
+    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def ratio(rows, transport, batch, a, b, key="tokens_per_s") -> float:
+    pick = {r["mode"]: r for r in rows if r["transport"] == transport and r["batch"] == batch}
+    return pick[a][key] / pick[b][key] if pick[b][key] else float("nan")
+
+
+def markdown(report: dict) -> str:
+    rows = report["rows"]
+    cols = ["tokens_per_s", "expert_bytes_per_token", "fetch_requests_per_token", "mean_accepted_per_round",
+            "acceptance_rate", "prediction_recall", "prediction_precision", "cache_hit_rate", "stall_s"]
+    lines = [f"# Modes side by side: {Path(report['config']['model']).name}", "",
+             f"Command: `{report['command']}`", "",
+             f"Machine: {report['machine']['cpu']}, {report['machine']['threads']} threads, torch {report['machine']['torch']}, "
+             f"{report['machine']['date']}. Cache budget {report['config']['cache_budget']:.0%} of expert bytes; "
+             f"{report['config']['new_tokens']} new tokens per prompt of {report['config']['prompt_len']} tokens; dtype {report['config']['dtype']}.", ""]
+    for transport in dict.fromkeys(r["transport"] for r in rows):
+        lines += [f"## Experts over `{transport}`", "", "| batch | mode | exact | " + " | ".join(cols) + " |",
+                  "|" + "---|" * (len(cols) + 3)]
+        for r in (r for r in rows if r["transport"] == transport):
+            cells = [f"{r[c]:.3g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols]
+            lines.append(f"| {r['batch']} | {r['mode']} | {'yes' if r['exact'] else 'NO'} | " + " | ".join(cells) + " |")
+        lines += ["", "| batch | specmoe-shadow-k4 / ondemand | best specmoe / ondemand | best specmoe / pregate | bytes per token: shadow-k4 / ondemand |",
+                  "|---|---|---|---|---|"]
+        for batch in dict.fromkeys(r["batch"] for r in rows if r["transport"] == transport):
+            best = max((r for r in rows if r["transport"] == transport and r["batch"] == batch and r["mode"].startswith("specmoe")),
+                       key=lambda r: r["tokens_per_s"])["mode"]
+            lines.append(
+                f"| {batch} | {ratio(rows, transport, batch, 'specmoe-shadow-k4', 'ondemand'):.2f}x | "
+                f"{ratio(rows, transport, batch, best, 'ondemand'):.2f}x ({best}) | {ratio(rows, transport, batch, best, 'pregate'):.2f}x | "
+                f"{ratio(rows, transport, batch, 'specmoe-shadow-k4', 'ondemand', 'expert_bytes_per_token'):.2f} |"
+            )
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def plots(report: dict, stem: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["rows"]
+    for key, label, suffix in (("tokens_per_s", "generated tokens / s", "throughput"),
+                               ("expert_bytes_per_token", "expert bytes moved per token", "bytes")):
+        transports = list(dict.fromkeys(r["transport"] for r in rows))
+        fig, axes = plt.subplots(1, len(transports), figsize=(6 * len(transports), 4), squeeze=False)
+        for ax, transport in zip(axes[0], transports):
+            for mode in dict.fromkeys(r["mode"] for r in rows):
+                pts = [(r["batch"], r[key]) for r in rows if r["transport"] == transport and r["mode"] == mode and key in r]
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=mode)
+            ax.set(xscale="log", xlabel="batch size", ylabel=label, title=f"experts over {transport}")
+            ax.set_xticks(report["config"]["batch_sizes"], [str(b) for b in report["config"]["batch_sizes"]])
+            if key == "expert_bytes_per_token":
+                ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+        axes[0][0].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(f"{stem}-{suffix}.png", dpi=110)
+        plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=str(REPO / "models" / "shakespeare-tiny-moe"))
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16, 32])
+    parser.add_argument("--experts", nargs="+", choices=["local", "ray", "grpc"], default=["ray", "grpc"])
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--cache-budget", type=float, default=0.25)
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--out", default=str(REPO / "bench" / "results"))
+    cfg = BenchConfig(**vars(parser.parse_args(argv)))
+    report = run(cfg)
+    stem = Path(cfg.out) / f"modes-{Path(cfg.model).name}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    stem.with_suffix(".md").write_text(markdown(report))
+    plots(report, stem)
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
