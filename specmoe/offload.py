@@ -84,6 +84,36 @@ def prediction_counts(predicted: dict[int, set[int]], needed: dict[int, set[int]
     return tp, p, n
 
 
+class DeviceUploader:
+    """Moves fetched weights to the decoder's device and dtype.
+
+    On CUDA a copy goes through pinned host memory on a side stream, so it overlaps the
+    compute stream; ``wait()`` orders the compute stream after every copy issued so far. On
+    the CPU it is a dtype conversion.
+    """
+
+    def __init__(self, device: torch.device, dtype: torch.dtype):
+        self.device, self.dtype = device, dtype
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.pending: torch.cuda.Event | None = None
+
+    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.stream is None:
+            return tensor.to(self.dtype)
+        pinned = tensor.pin_memory()
+        with torch.cuda.stream(self.stream):
+            out = pinned.to(self.device, non_blocking=True).to(self.dtype)
+            self.pending = torch.cuda.Event()
+            self.pending.record(self.stream)
+        out.record_stream(torch.cuda.current_stream(self.device))
+        return out
+
+    def wait(self) -> None:
+        if self.pending is not None:
+            torch.cuda.current_stream(self.device).wait_event(self.pending)
+            self.pending = None
+
+
 class ExpertRuntime:
     """The decoder's view of remote experts: cache, in-flight requests, shadow, phase."""
 
@@ -111,6 +141,7 @@ class ExpertRuntime:
         self.total_expert_bytes = 0
         self.device = torch.device(device)
         self.dtype = dtype
+        self.upload = DeviceUploader(self.device, dtype)
         self.phase = "exact"
         self.lookahead = False
         self.in_flight: dict[Key, Future] = {}
@@ -135,14 +166,22 @@ class ExpertRuntime:
         self.counters.prefetched += len(wanted) if prefetch else 0
 
     def _collect(self, keys: list[Key]) -> None:
-        """Wait for the given in-flight requests and stage their weights on the device."""
-        started = time.perf_counter()
+        """Take the given in-flight requests (waiting only for those not done: a stall) and
+        stage their weights on the device."""
         for key in keys:
-            gate_up, down = self.in_flight.pop(key).result()
+            future = self.in_flight.pop(key)
+            if not future.done():
+                started = time.perf_counter()
+                future.result()
+                self.counters.stall_s += time.perf_counter() - started
+            gate_up, down = future.result()
             self.counters.bytes_moved += gate_up.nbytes + down.nbytes
-            self.staged[key] = (gate_up.to(self.device, self.dtype), down.to(self.device, self.dtype))
-        self.counters.stall_s += time.perf_counter() - started
+            self.staged[key] = (self.upload(gate_up), self.upload(down))
         self._note_round_bytes()
+
+    def drain(self) -> None:
+        """Stage every request that has arrived, without waiting (copies overlap compute)."""
+        self._collect([key for key, future in self.in_flight.items() if future.done()])
 
     def _note_round_bytes(self) -> None:
         held = sum(g.nbytes + d.nbytes for part in (self.staged, self.decoded) for g, d in part.values())
@@ -164,7 +203,8 @@ class ExpertRuntime:
         for e in experts:
             gate_up, down = futures[e].result()
             self.counters.bytes_moved += gate_up.nbytes + down.nbytes
-            out[e] = (gate_up.to(self.device, self.dtype), down.to(self.device, self.dtype))
+            out[e] = (self.upload(gate_up), self.upload(down))
+        self.upload.wait()
         return out
 
     def pin(self, ranked: list[Key], max_bytes: int) -> list[Key]:
@@ -202,6 +242,7 @@ class ExpertRuntime:
         self.request(layer, missing, prefetch=False)
         self._collect([(layer, e) for e in experts if (layer, e) in self.in_flight])
         out.update({e: self.staged[(layer, e)] for e in experts if e not in out})
+        self.upload.wait()
         return out
 
     def _draft_weights(self, key: Key) -> ExpertTensors | None:
@@ -225,6 +266,7 @@ class ExpertRuntime:
 
     def route(self, router, x, logits, weights, indices):
         """The hook on every router: predictions in draft phase, lookahead in exact phase."""
+        self.drain()
         if self.phase == "draft":
             predicted = sorted(set(indices.reshape(-1).tolist()))  # sync: a prediction must reach the host to be requested
             self.counters.predicted.setdefault(router.layer, set()).update(predicted)

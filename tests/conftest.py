@@ -124,3 +124,13 @@ def checkpoints(tmp_path_factory) -> dict[tuple[str, str], Path]:
 def shipped_model() -> Path:
     assert (SHIPPED_MODEL / "config.json").exists(), f"the shipped model is missing at {SHIPPED_MODEL}"
     return SHIPPED_MODEL
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests need CUDA; everywhere else they are reported as skipped, with the reason."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA: no GPU on this machine (run them where one exists)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
