@@ -196,20 +196,17 @@ class Engine:
         lens = [len(s.tokens) - self.cache.lengths[s.slot] + len(s.draft) for s in seqs]
         batch = self.cache.batch([s.slot for s in seqs], lens)
         ids = [t for s, n in zip(seqs, lens) for t in (s.tokens + s.draft)[-n:]]
-        # logits for every position of a draft check; for a prefill only the last
+        # logits for every position of a draft check, for a prefill only the last; rows are
+        # padded to the widest span by repeating a sequence's last row (ignored: drafts are PAD there)
         spans = [(hi - 1, hi) if new else (hi - len(s.draft) - 1, hi) for s, new, hi in zip(seqs, fresh, batch.offsets[1:])]
-        rows = torch.tensor([r for lo, hi in spans for r in range(lo, hi)], device=self.cache.k.device)
+        width = max(hi - lo for lo, hi in spans)
+        rows = [min(lo + j, hi - 1) for lo, hi in spans for j in range(width)]
         if self.runtime is not None:
             self.runtime.lookahead = self.config.decoder.mode == "pregate" or any(fresh)
+        device = self.cache.k.device
         with torch.inference_mode():
-            logits = self.model(torch.tensor(ids, device=self.cache.k.device), batch, self.cache, rows)  # [R, V]
-        width = max(hi - lo for lo, hi in spans)
-        out = logits.new_zeros(len(seqs), width, logits.shape[-1])  # [B, k+1, V]
-        start = 0
-        for i, (lo, hi) in enumerate(spans):
-            out[i, : hi - lo] = logits[start : start + hi - lo]
-            start += hi - lo
-        return out
+            logits = self.model(torch.tensor(ids, device=device), batch, self.cache, torch.tensor(rows, device=device))
+        return logits.view(len(seqs), width, -1)  # [B, k+1, V]
 
     def _accept(self, seqs: list[Sequence], logits: torch.Tensor):
         drafts = pad_drafts([s.draft for s in seqs], logits.device)  # [B, k]

@@ -129,3 +129,16 @@ def test_metrics_use_the_speculation_vocabulary(checkpoints, references):
     assert 0 < m["prediction_recall"] <= 1 and 0 < m["prediction_precision"] <= 1
     assert m["shadow_bytes"] > 0
     assert m["mean_accepted_per_round"] <= 2
+
+
+def test_sampled_speculative_decoding_is_seeded_deterministic(checkpoints, references):
+    prompts, _ = references["qwen2_moe"]
+    decoder = DecoderConfig(mode="specmoe", draft_policy="shadow", k=3, shadow_group_size=8)
+    params = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.8, top_p=0.95, seed=7, ignore_eos=True)
+    runs = []
+    for _ in range(2):
+        engine = Engine(EngineConfig(model=checkpoints[("qwen2_moe", "per_expert")], max_batch_size=4, decoder=decoder))
+        runs.append([o.token_ids for o in engine.generate(prompts, params)])
+        assert engine.counters.drafted_tokens > 0
+    assert runs[0] == runs[1]
+    assert all(len(t) == NEW_TOKENS for t in runs[0])
