@@ -160,7 +160,7 @@ class Engine:
         """
         for seq in seqs:
             seq.draft, seq.draft_probs = [], []
-        running = [s for s in seqs if self.cache.lengths[s.slot] == len(s.tokens) - 1]
+        running = [s for s in seqs if s.output]  # prefilled; the newly admitted prefill this round
         room = {s.request_id: min(k, s.params.max_new_tokens - len(s.output) - 1) for s in running}
         active = [s for s in running if room[s.request_id] > 0]
         if not active:
@@ -192,7 +192,7 @@ class Engine:
 
     def _verify(self, seqs: list[Sequence]) -> torch.Tensor:
         """One exact pass: new sequences prefill, running ones check their draft. -> [B, k+1, V]"""
-        fresh = [self.cache.lengths[s.slot] == 0 for s in seqs]
+        fresh = [not s.output for s in seqs]
         lens = [len(s.tokens) - self.cache.lengths[s.slot] + len(s.draft) for s in seqs]
         batch = self.cache.batch([s.slot for s in seqs], lens)
         ids = [t for s, n in zip(seqs, lens) for t in (s.tokens + s.draft)[-n:]]

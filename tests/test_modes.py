@@ -17,7 +17,7 @@ from specmoe.metrics import summarize
 from specmoe.profile import record_profile
 from specmoe.sampling import SamplingParams
 
-LENGTHS = (6, 13, 3, 9)
+LENGTHS = (6, 13, 1, 9)  # a one-token prompt prefills and drafts in the same round
 NEW_TOKENS = 24
 
 DECODERS = [
