@@ -1,38 +1,84 @@
-"""The training script of the shipped model: loads in transformers, deterministic under a seed."""
+"""The training script of the shipped model, at toy size: loads in transformers, deterministic under a seed."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import SHARED
-from specmoe.tools.train_tiny import TrainConfig, run
+from specmoe.tools.train_tiny import TrainConfig, lr_at, main, run, split_corpus, verify
 
-CORPUS = SHARED / "data" / "tinyshakespeare.txt"
+# The shared data folder sits beside the repository checkout.
+CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
 
-def tiny(out, tmp_path) -> TrainConfig:
-    assert CORPUS.exists(), f"the training corpus is missing at {CORPUS}"
+@pytest.fixture
+def small_corpus(tmp_path) -> Path:
+    assert CORPUS.is_file(), (
+        f"the Tiny Shakespeare corpus is missing: expected {CORPUS} (the shared/ folder beside the repository)"
+    )
     small = tmp_path / "corpus.txt"
     small.write_text(CORPUS.read_text(encoding="utf-8")[:60_000], encoding="utf-8")
+    return small
+
+
+def tiny(corpus: Path, out: Path, seed: int = 0) -> TrainConfig:
     return TrainConfig(
-        corpus=str(small), out=str(out), vocab_size=300, hidden_size=32, intermediate_size=32, num_layers=2,
-        num_experts=4, num_heads=2, num_kv_heads=1, seq_len=32, batch_size=4, steps=3, eval_windows=4,
+        corpus=str(corpus), out=str(out), seed=seed, vocab_size=300, hidden_size=32, intermediate_size=32,
+        num_layers=2, num_experts=4, top_k=2, num_heads=2, num_kv_heads=1, max_positions=64, seq_len=32,
+        batch_size=4, steps=3, warmup=1, eval_windows=4,
     )
 
 
-def test_training_output_loads_and_is_deterministic(tmp_path):
-    run(tiny(tmp_path / "a", tmp_path))
-    run(tiny(tmp_path / "b", tmp_path))
-    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert any(".block_sparse_moe.experts.0.w1.weight" in k for k in a)  # Hub per-expert names
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "model.safetensors")
 
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "a")
-    tok = AutoTokenizer.from_pretrained(tmp_path / "a")
-    text = "ROMEO:\nWhat, ho!"
-    ids = tok.encode(text, add_special_tokens=False)
-    assert tok.decode(ids) == text  # byte-level: exact round trip
-    assert tok.eos_token_id == 0 and model.config.num_local_experts == 4
-    assert "validation" in (tmp_path / "a" / "README.md").read_text()
+
+def test_training_output_loads_and_is_deterministic(small_corpus, tmp_path):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    summary = run(tiny(small_corpus, a))
+    run(tiny(small_corpus, b))
+    run(tiny(small_corpus, c, seed=1))
+
+    wa, wb, wc = weights(a), weights(b), weights(c)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert any(not torch.equal(wa[k], wc[k]) for k in wa)  # the seed matters
+    assert "model.layers.0.block_sparse_moe.experts.0.w1.weight" in wa  # Hub-style per-expert names
+    assert all(t.dtype == torch.bfloat16 for t in wa.values())
+
+    model = AutoModelForCausalLM.from_pretrained(a, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(a)
+    assert type(model).__name__ == "MixtralForCausalLM"
+    assert model.config.num_local_experts == 4 and model.config.num_experts_per_tok == 2
+    assert model.config.output_router_logits is False
+    assert tok.bos_token_id == tok.eos_token_id == tok.pad_token_id == 0 and len(tok) == 300
+    assert model.generation_config.eos_token_id == 0 and model.generation_config.pad_token_id == 0
+    text = "ROMEO:\nWhat, ho!  Juliet -- 'tis I.\n"
+    assert tok.decode(tok.encode(text, add_special_tokens=False)) == text  # byte-level: exact round trip
+
+    assert summary["steps"] == 3 and summary["validation_loss"] > 0
+    assert json.loads((a / "training.json").read_text())["config"]["seed"] == 0
+    card = (a / "README.md").read_text()
+    assert "python -m specmoe.tools.train_tiny" in card and "Validation loss" in card
+    assert isinstance(verify(a, max_new_tokens=5), str)
+
+
+def test_command_line(small_corpus, tmp_path, capsys):
+    out = tmp_path / "cli"
+    # The command line fixes the architecture, so keep the corpus and the run tiny instead.
+    assert main(["--corpus", str(small_corpus), "--out", str(out), "--steps", "1", "--eval-windows", "1"]) == 0
+    assert capsys.readouterr().out.startswith("ROMEO:")
+    assert "--steps 1" in (out / "README.md").read_text()
+
+
+def test_split_and_schedule():
+    train, val = split_corpus("x" * 100)
+    assert (len(train), len(val)) == (95, 5)
+    cfg = TrainConfig(corpus="", out="", steps=100, warmup=10, lr=1e-2, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(1e-3) and lr_at(9, cfg) == pytest.approx(1e-2)
+    assert lr_at(99, cfg) == pytest.approx(1e-3)
+    assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 99))

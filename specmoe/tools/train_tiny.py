@@ -1,13 +1,20 @@
-"""Train the project's small shipped MoE on Tiny Shakespeare.
+"""Train the project's small shipped Mixture-of-Experts model on Tiny Shakespeare.
+
+Run from the repository root:
 
     python -m specmoe.tools.train_tiny --corpus ../shared/data/tinyshakespeare.txt \\
         --out models/shakespeare-tiny-moe
 
-A byte-level BPE tokenizer (``tokenizers``) and a Mixtral-family MoE (transformers'
-``MixtralForCausalLM``, so the result loads in transformers as well as in our engine),
-trained on the first 95% of the corpus and evaluated on the last 5%. Deterministic under
-``--seed`` on a given machine. Writes a Hugging Face directory (bf16 weights) with a model
-card stating the command, the losses and the wall time.
+Steps: a byte-level BPE tokenizer (``tokenizers``, ``<|endoftext|>`` = id 0 as bos, eos
+and pad) is trained on the first 95% of the corpus; a Mixtral-family MoE (transformers'
+``MixtralForCausalLM``, so the result loads in transformers as well as in SpecMoE) is
+trained on random windows of that token stream with the router's load-balancing loss;
+the validation loss is measured on the last 5%. The output is a Hugging Face directory
+(bf16 ``model.safetensors`` with Hub-style per-expert tensor names, tokenizer files and
+a model card), which is reloaded and sampled from as a final check.
+
+Deterministic under ``--seed`` on a given machine. Progress goes to stderr; the sample
+generated from the saved directory goes to stdout.
 """
 
 from __future__ import annotations
@@ -17,54 +24,80 @@ import json
 import math
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 EOS = "<|endoftext|>"
+TRAIN_FRACTION = 0.95
+THREADS = 2
+SAMPLE_PROMPT = "ROMEO:"
 
 
 @dataclass
 class TrainConfig:
+    """Everything that determines a training run (the defaults make the shipped model)."""
+
     corpus: str
     out: str
     seed: int = 0
+    # tokenizer and model
     vocab_size: int = 1024
     hidden_size: int = 128
-    intermediate_size: int = 256
+    intermediate_size: int = 256  # per expert
     num_layers: int = 4
     num_experts: int = 8
     top_k: int = 2
     num_heads: int = 4
     num_kv_heads: int = 2
     max_positions: int = 512
+    # optimisation
     seq_len: int = 128
     batch_size: int = 16
     steps: int = 2000
     lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup: int = 30
     weight_decay: float = 0.1
-    aux_loss: float = 0.01
+    grad_clip: float = 1.0
+    aux_loss: float = 0.01  # router load-balancing loss coefficient
+    # evaluation and limits
     eval_windows: int = 200
     max_minutes: float = 14.0
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.seq_len < 2:
-            raise ValueError("steps, batch_size must be >= 1 and seq_len >= 2")
+            raise ValueError("steps and batch_size must be >= 1 and seq_len >= 2")
+        if self.seq_len > self.max_positions:
+            raise ValueError(f"seq_len {self.seq_len} exceeds max_positions {self.max_positions}")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"top_k must be in [1, num_experts={self.num_experts}]")
+
+
+@dataclass
+class TrainResult:
+    """What the training loop reports."""
+
+    loss: float  # mean cross-entropy over the last steps (router aux loss excluded)
+    aux_loss: float  # mean router load-balancing loss over the same steps (top_k when balanced)
+    steps: int
+    seconds: float
 
 
 def log(message: str) -> None:
     print(f"[train_tiny] {message}", file=sys.stderr, flush=True)
 
 
-def split_corpus(text: str) -> tuple[str, str]:
-    cut = int(0.95 * len(text))
+def split_corpus(text: str, fraction: float = TRAIN_FRACTION) -> tuple[str, str]:
+    """(first ``fraction`` of the characters, the rest)."""
+    cut = int(fraction * len(text))
     return text[:cut], text[cut:]
 
 
 def train_tokenizer(text: str, vocab_size: int):
-    """Byte-level BPE with ``<|endoftext|>`` as id 0, wrapped for transformers."""
+    """A byte-level BPE with ``<|endoftext|>`` as id 0, wrapped for transformers."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -77,8 +110,26 @@ def train_tokenizer(text: str, vocab_size: int):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator([text[i : i + 10_000] for i in range(0, len(text), 10_000)], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=EOS)
+    tok.train_from_iterator(text.splitlines(keepends=True), trainer)
+    if tok.token_to_id(EOS) != 0:
+        raise RuntimeError(f"{EOS} should be id 0, got {tok.token_to_id(EOS)}")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=EOS,
+        eos_token=EOS,
+        pad_token=EOS,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def encode(tokenizer, text: str) -> torch.Tensor:
+    return torch.tensor(tokenizer.encode(text, add_special_tokens=False), dtype=torch.long)
+
+
+def check_round_trip(tokenizer, text: str) -> None:
+    """Byte-level BPE must give the text back exactly."""
+    if tokenizer.decode(encode(tokenizer, text).tolist()) != text:
+        raise RuntimeError("the tokenizer does not round-trip the text exactly")
 
 
 def model_config(cfg: TrainConfig, vocab_size: int):
@@ -100,91 +151,153 @@ def model_config(cfg: TrainConfig, vocab_size: int):
         eos_token_id=0,
         pad_token_id=0,
         router_aux_loss_coef=cfg.aux_loss,
-        output_router_logits=True,
+        output_router_logits=True,  # training adds the load-balancing loss; off in the saved config
     )
 
 
-def batches(tokens: torch.Tensor, cfg: TrainConfig, gen: torch.Generator):
-    """Endless random windows [B, T+1] of the training token stream."""
+def build_model(cfg: TrainConfig, vocab_size: int):
+    from transformers import MixtralForCausalLM
+
+    torch.manual_seed(cfg.seed)
+    return MixtralForCausalLM(model_config(cfg, vocab_size))
+
+
+def batches(tokens: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> Iterator[torch.Tensor]:
+    """Endless random windows ``[batch_size, seq_len + 1]`` of the training token stream."""
+    if len(tokens) < cfg.seq_len + 2:
+        raise ValueError(f"{len(tokens)} training tokens are too few for windows of {cfg.seq_len}")
     while True:
         starts = torch.randint(0, len(tokens) - cfg.seq_len - 1, (cfg.batch_size,), generator=gen)
         yield torch.stack([tokens[s : s + cfg.seq_len + 1] for s in starts.tolist()])
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to ``lr * min_lr_ratio`` at the last step."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - 1 - cfg.warmup))
+    cosine = 0.5 * (1 + math.cos(math.pi * progress))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
 
 
-def train(model, tokens: torch.Tensor, cfg: TrainConfig) -> tuple[float, int, float]:
-    """Returns (final smoothed train loss, steps done, seconds)."""
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only (not on norms)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def train(model: torch.nn.Module, tokens: torch.Tensor, cfg: TrainConfig) -> TrainResult:
+    """Train in place on random windows of ``tokens`` drawn from a generator seeded by ``cfg.seed``."""
     gen = torch.Generator().manual_seed(cfg.seed)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
-    )
+    opt = make_optimizer(model, cfg)
     model.train()
-    started, smoothed, step = time.perf_counter(), None, 0
+    started = time.perf_counter()
+    recent: list[tuple[float, float]] = []  # (cross-entropy, aux loss) of the last steps
+    done = 0
     for step, batch in zip(range(cfg.steps), batches(tokens, cfg, gen)):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        out = model(input_ids=batch[:, :-1], labels=batch[:, :-1].clone())
-        loss = out.loss  # includes the router's load-balancing loss
+        out = model(input_ids=batch[:, :-1], labels=batch[:, :-1])  # labels are shifted inside
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        out.loss.backward()  # cross-entropy + aux_loss * load-balancing loss
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
-        smoothed = loss.item() if smoothed is None else 0.95 * smoothed + 0.05 * loss.item()
+        aux = out.aux_loss.item()
+        recent = (recent + [(out.loss.item() - cfg.aux_loss * aux, aux)])[-50:]
+        done = step + 1
         elapsed = time.perf_counter() - started
-        if step % 25 == 0:
-            log(f"step {step:4d}/{cfg.steps} loss {smoothed:.3f} ({elapsed:.0f}s)")
+        if step % 25 == 0 or done == cfg.steps:
+            ce = sum(r[0] for r in recent) / len(recent)
+            rate = elapsed / done
+            log(f"step {done:5d}/{cfg.steps} loss {ce:.3f} lr {lr_at(step, cfg):.2e} {rate:.3f} s/step ({elapsed:.0f}s)")
         if elapsed > 60 * cfg.max_minutes:
-            log(f"stopping at step {step}: --max-minutes {cfg.max_minutes} reached")
+            log(f"stopping after step {done}: --max-minutes {cfg.max_minutes} reached")
             break
-    return smoothed, step + 1, time.perf_counter() - started
+    return TrainResult(
+        loss=sum(r[0] for r in recent) / len(recent),
+        aux_loss=sum(r[1] for r in recent) / len(recent),
+        steps=done,
+        seconds=time.perf_counter() - started,
+    )
 
 
 @torch.no_grad()
-def evaluate(model, tokens: torch.Tensor, cfg: TrainConfig) -> float:
-    """Mean next-token cross-entropy (fp32) over non-overlapping windows of ``tokens``."""
+def evaluate(model: torch.nn.Module, tokens: torch.Tensor, cfg: TrainConfig) -> float:
+    """Mean next-token cross-entropy (fp32) over up to ``eval_windows`` non-overlapping windows."""
     model.eval()
     n = min(cfg.eval_windows, (len(tokens) - 1) // cfg.seq_len)
-    losses = []
-    for i in range(0, n, 16):
-        starts = range(i * cfg.seq_len, min(n, i + 16) * cfg.seq_len, cfg.seq_len)
+    if n < 1:
+        raise ValueError(f"{len(tokens)} validation tokens are too few for one window of {cfg.seq_len}")
+    total = torch.zeros((), dtype=torch.float64)
+    for first in range(0, n, cfg.batch_size):
+        starts = range(first * cfg.seq_len, min(n, first + cfg.batch_size) * cfg.seq_len, cfg.seq_len)
         batch = torch.stack([tokens[s : s + cfg.seq_len + 1] for s in starts])
-        logits = model(input_ids=batch[:, :-1]).logits.float()
-        losses.append(torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="sum"))
-    return (torch.stack(losses).sum() / (n * cfg.seq_len)).item()
+        logits = model(input_ids=batch[:, :-1], output_router_logits=False).logits.float()
+        total += torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="sum").double()
+    return (total / (n * cfg.seq_len)).item()
 
 
-def model_card(cfg: TrainConfig, config, params: int, expert_params: int, losses: dict, command: str) -> str:
+def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
+    """(all parameters, parameters of the routed experts)."""
+    total = sum(p.numel() for p in model.parameters())
+    experts = sum(p.numel() for name, p in model.named_parameters() if ".experts." in name)
+    return total, experts
+
+
+def save(model, tokenizer, out: Path) -> None:
+    """bf16 weights, inference config (no router logits), generation config and tokenizer."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.config.output_router_logits = False
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(model.generation_config, name, 0)
+    model.to(torch.bfloat16).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def model_card(cfg: TrainConfig, vocab: int, params: tuple[int, int], result: TrainResult, val_loss: float,
+               minutes: float, command: str) -> str:
+    total, experts = params
     rows = [
         ("family", "`mixtral` (`MixtralForCausalLM`), Hub-style per-expert tensor names"),
-        ("layers / experts / top-k", f"{cfg.num_layers} / {cfg.num_experts} / {cfg.top_k}"),
-        ("hidden / expert intermediate / heads / kv heads", f"{cfg.hidden_size} / {cfg.intermediate_size} / {cfg.num_heads} / {cfg.num_kv_heads}"),
-        ("vocabulary", f"{config.vocab_size} (byte-level BPE; `{EOS}` = id 0 is bos, eos and pad)"),
-        ("parameters", f"{params / 1e6:.2f} M, of which routed experts {expert_params / 1e6:.2f} M ({expert_params / params:.0%})"),
-        ("weights on disk", "bf16"),
-        ("training", f"{losses['steps']} AdamW steps of {cfg.batch_size} x {cfg.seq_len} tokens, seed {cfg.seed}, {losses['minutes']:.1f} min on 2 CPU cores"),
-        ("loss", f"train {losses['train']:.3f} (smoothed, with router aux loss), validation {losses['validation']:.3f} (last 5% of the corpus, fp32)"),
+        ("layers", cfg.num_layers),
+        ("experts per layer / top-k", f"{cfg.num_experts} / {cfg.top_k}"),
+        ("hidden size", cfg.hidden_size),
+        ("intermediate size (per expert)", cfg.intermediate_size),
+        ("attention heads / kv heads", f"{cfg.num_heads} / {cfg.num_kv_heads}"),
+        ("vocabulary", f"{vocab} (byte-level BPE; `{EOS}` = id 0 is bos, eos and pad)"),
+        ("max positions", cfg.max_positions),
+        ("parameters", f"{total:,} ({total / 1e6:.2f} M)"),
+        ("expert parameters", f"{experts:,} ({experts / total:.1%} of all; {cfg.top_k} of {cfg.num_experts} active per token)"),
+        ("weights on disk", "bfloat16 safetensors"),
     ]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     return f"""# shakespeare-tiny-moe
 
-A small Mixture-of-Experts language model trained on Tiny Shakespeare (first 95% of
-`../shared/data/tinyshakespeare.txt`). SpecMoE ships it so that the demo and the tests run
-on a model whose routing was learned, not random. It loads in transformers
-(`AutoModelForCausalLM.from_pretrained`) and in SpecMoE.
+A small Mixture-of-Experts language model trained on Tiny Shakespeare. SpecMoE ships it
+so that the demo and the tests run on a model whose routing was learned, not random. It
+loads in transformers (`AutoModelForCausalLM` / `AutoTokenizer`) and in SpecMoE. It is a
+toy: it writes Shakespeare-shaped text, not sense.
 
 | property | value |
 | --- | --- |
 {table}
 
-Produced by:
+## Training
+
+- Data: `../shared/data/tinyshakespeare.txt` (relative to the repository root); first 95%
+  of the characters for training (tokenizer and model), last 5% for validation.
+- {result.steps} AdamW steps of {cfg.batch_size} x {cfg.seq_len} tokens (random windows), lr {cfg.lr:g}
+  ({cfg.warmup} warmup steps, cosine decay to {cfg.lr * cfg.min_lr_ratio:g}), weight decay {cfg.weight_decay:g}, gradient clip
+  {cfg.grad_clip:g}, router load-balancing loss coefficient {cfg.aux_loss:g}; seed {cfg.seed}.
+- Wall time: {minutes:.1f} min on {THREADS} CPU threads (tokenizer, training and evaluation).
+- Final train loss: {result.loss:.3f} (cross-entropy, mean of the last 50 steps; router
+  load-balancing loss {result.aux_loss:.3f} on top, {cfg.top_k:g} when perfectly balanced).
+- Validation loss: {val_loss:.3f} (mean cross-entropy per token, fp32, over up to
+  {cfg.eval_windows} non-overlapping {cfg.seq_len}-token windows of the last 5%).
+
+Reproduce (same seed, same machine: same weights):
 
 ```bash
 {command}
@@ -192,52 +305,79 @@ Produced by:
 """
 
 
-def run(cfg: TrainConfig, command: str = "") -> dict:
-    from transformers import MixtralForCausalLM
+def verify(out: Path, prompt: str = SAMPLE_PROMPT, max_new_tokens: int = 60) -> str:
+    """Reload the directory with transformers (offline, no key mismatches) and sample from it."""
+    from transformers import AutoTokenizer, MixtralForCausalLM
 
-    torch.set_num_threads(2)
-    text = Path(cfg.corpus).read_text(encoding="utf-8")
-    train_text, val_text = split_corpus(text)
+    model, info = MixtralForCausalLM.from_pretrained(
+        out, dtype=torch.float32, output_loading_info=True, local_files_only=True
+    )
+    problems = {k: v for k, v in info.items() if v}
+    if problems:
+        raise RuntimeError(f"reloading {out} reported {problems}")
+    tokenizer = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    check_round_trip(tokenizer, "ROMEO:\nWhat, ho! -- 'tis I, thy  Juliet's  nurse.\n\n")
+    ids = encode(tokenizer, prompt).unsqueeze(0)
+    torch.manual_seed(0)
+    generated = model.eval().generate(ids, max_new_tokens=max_new_tokens, do_sample=True, temperature=0.8, top_k=40)
+    return tokenizer.decode(generated[0], skip_special_tokens=True)
+
+
+def run(cfg: TrainConfig, command: str = "") -> dict:
+    """Train, evaluate and save; returns the numbers written to ``training.json``."""
+    torch.set_num_threads(THREADS)
     started = time.perf_counter()
+    train_text, val_text = split_corpus(Path(cfg.corpus).read_text(encoding="utf-8"))
     tokenizer = train_tokenizer(train_text, cfg.vocab_size)
-    train_ids = torch.tensor(tokenizer.encode(train_text), dtype=torch.long)
-    val_ids = torch.tensor(tokenizer.encode(val_text), dtype=torch.long)
-    log(f"tokenizer: {len(tokenizer)} tokens; train {len(train_ids)} / validation {len(val_ids)} tokens")
-    torch.manual_seed(cfg.seed)
-    config = model_config(cfg, len(tokenizer))
-    model = MixtralForCausalLM(config)
-    train_loss, steps, _ = train(model, train_ids, cfg)
+    check_round_trip(tokenizer, val_text)
+    train_ids, val_ids = encode(tokenizer, train_text), encode(tokenizer, val_text)
+    log(f"tokenizer: {len(tokenizer)} tokens; train {len(train_ids):,} / validation {len(val_ids):,} tokens "
+        f"({time.perf_counter() - started:.0f}s)")
+
+    model = build_model(cfg, len(tokenizer))
+    result = train(model, train_ids, cfg)
     val_loss = evaluate(model, val_ids, cfg)
     minutes = (time.perf_counter() - started) / 60
-    log(f"validation loss {val_loss:.3f}; {minutes:.1f} min")
+    log(f"train loss {result.loss:.3f}, validation loss {val_loss:.3f}; {result.steps} steps, {minutes:.1f} min")
 
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    model.config.output_router_logits = False
-    model.generation_config.bos_token_id = model.generation_config.eos_token_id = 0
-    model.generation_config.pad_token_id = 0
-    model.to(torch.bfloat16).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    params = sum(p.numel() for p in model.parameters())
-    expert_params = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
-    losses = {"train": train_loss, "validation": val_loss, "steps": steps, "minutes": minutes}
-    command = command or f"python -m specmoe.tools.train_tiny --corpus {cfg.corpus} --out {cfg.out} --seed {cfg.seed} --steps {cfg.steps}"
-    (out / "README.md").write_text(model_card(cfg, config, params, expert_params, losses, command))
-    (out / "training.json").write_text(json.dumps({"config": asdict(cfg), **losses}, indent=1) + "\n")
-    return losses
+    params = parameter_counts(model)
+    save(model, tokenizer, out)
+    command = command or (
+        f"python -m specmoe.tools.train_tiny --corpus {cfg.corpus} --out {cfg.out} --seed {cfg.seed} --steps {cfg.steps}"
+    )
+    card = model_card(cfg, len(tokenizer), params, result, val_loss, minutes, command)
+    (out / "README.md").write_text(card, encoding="utf-8")
+    summary = {"train_loss": result.loss, "router_aux_loss": result.aux_loss, "validation_loss": val_loss,
+               "steps": result.steps, "minutes": minutes, "parameters": params[0], "expert_parameters": params[1]}
+    (out / "training.json").write_text(json.dumps({"config": asdict(cfg), **summary}, indent=1) + "\n", encoding="utf-8")
+    return summary
+
+
+def parse_args(argv: list[str] | None) -> TrainConfig:
+    defaults = TrainConfig(corpus="", out="")
+    p = argparse.ArgumentParser(prog="python -m specmoe.tools.train_tiny", description=__doc__.splitlines()[0])
+    p.add_argument("--corpus", required=True, help="training text, e.g. ../shared/data/tinyshakespeare.txt")
+    p.add_argument("--out", required=True, help="output model directory (created; files are overwritten)")
+    p.add_argument("--seed", type=int, default=defaults.seed,
+                   help="seeds model init and batch sampling (default %(default)s)")
+    p.add_argument("--steps", type=int, default=defaults.steps, help="optimizer steps (default %(default)s)")
+    p.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate (default %(default)s)")
+    p.add_argument("--eval-windows", type=int, default=defaults.eval_windows,
+                   help="validation windows of seq_len tokens (default %(default)s)")
+    p.add_argument("--max-minutes", type=float, default=defaults.max_minutes,
+                   help="safety stop: end training after this many minutes (default %(default)s)")
+    args = p.parse_args(argv)
+    return TrainConfig(corpus=args.corpus, out=args.out, seed=args.seed, steps=args.steps, lr=args.lr,
+                       eval_windows=args.eval_windows, max_minutes=args.max_minutes)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--corpus", required=True, help="training text (Tiny Shakespeare)")
-    parser.add_argument("--out", required=True, help="output model directory")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=TrainConfig.steps)
-    parser.add_argument("--max-minutes", type=float, default=TrainConfig.max_minutes, help="safety stop")
-    args = parser.parse_args(argv)
-    cfg = TrainConfig(corpus=args.corpus, out=args.out, seed=args.seed, steps=args.steps, max_minutes=args.max_minutes)
+    cfg = parse_args(argv)
     command = "python -m specmoe.tools.train_tiny " + " ".join(argv if argv is not None else sys.argv[1:])
     run(cfg, command)
+    log(f"reloading {cfg.out} with transformers and sampling from {SAMPLE_PROMPT!r}")
+    print(verify(Path(cfg.out)))
     return 0
 
 
