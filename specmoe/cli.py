@@ -141,10 +141,36 @@ def run_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
+    from specmoe.shards import add_prepare_arguments as add
+
+    add(parser)
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    from specmoe.shards import run_prepare as run
+
+    return run(args)
+
+
+def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    from cluster.local import add_cluster_arguments as add
+
+    add(parser)
+
+
+def run_cluster(args: argparse.Namespace) -> int:
+    from cluster.local import run_cluster as run
+
+    return run(args)
+
+
 Command = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 COMMANDS: list[Command] = [
     ("generate", "generate text from a prompt (streams to stdout)", add_generate_arguments, run_generate),
     ("profile", "record how often each expert is routed to on calibration text", add_profile_arguments, run_profile),
+    ("prepare", "split a checkpoint into a dense part and per-expert shards with a manifest", add_prepare_arguments, run_prepare),
+    ("cluster", "start or stop a local multi-node Ray cluster (head, store nodes, decoder nodes)", add_cluster_arguments, run_cluster),
 ]
 
 

@@ -178,6 +178,12 @@ class TopKRouter(nn.Module):
         return weights, indices
 
 
+def expert_ffn(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act_fn) -> torch.Tensor:
+    """One expert's gated FFN. x [n, H], gate_up [2I, H], down [H, I] -> [n, H]"""
+    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+    return F.linear(act_fn(gate) * up, down)
+
+
 ExpertsForward = Callable[["Experts", torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 EXPERTS_FUNCTIONS: dict[str, ExpertsForward] = {}
 
@@ -218,9 +224,7 @@ class Experts(nn.Module):
         return self.gate_up_proj[expert], self.down_proj[expert]
 
     def apply_expert(self, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-        # x [n, H], gate_up [2I, H], down [H, I] -> [n, H]
-        gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
-        return F.linear(self.act_fn(gate) * up, down)
+        return expert_ffn(x, gate_up, down, self.act_fn)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         return experts_function(self.implementation)(self, hidden_states, top_k_index, top_k_weights)

@@ -1,0 +1,157 @@
+"""The Ray object store transport: ``RaySource`` fetches experts published by ``ExpertStore``s.
+
+References are asked for once per store and layer and then cached; a fetch is a batched
+``ray.get`` of cached references, done once for all experts of a call when the first of
+them is needed. When a store does not answer, the expert is fetched from a replica; when
+none answers, ``ExpertUnavailableError`` names the expert. ``refresh()`` drops cached
+references (after a store restarted and published again).
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+
+import numpy as np
+import ray
+import torch
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, ObjectLostError, OwnerDiedError, RayActorError
+
+from specmoe.expert_source import ExpertUnavailableError, TransportMetrics
+from specmoe.shards import EXPERT_TENSORS, CorruptShardError
+
+STORE_DOWN = (RayActorError, ActorUnavailableError, ObjectLostError, OwnerDiedError, GetTimeoutError)
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def to_tensor(array: np.ndarray, dtype: str) -> torch.Tensor:
+    if dtype == "bfloat16":
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
+
+
+class PendingExpert:
+    """A future for one expert of a batched fetch: ``result()`` gets the whole batch at once."""
+
+    def __init__(self, batch: "_Batch", expert: int):
+        self.batch, self.expert = batch, expert
+
+    def done(self) -> bool:
+        return self.batch.done()
+
+    def result(self):
+        return self.batch.result(self.expert)
+
+
+class _Batch:
+    def __init__(self, source: "RaySource", layer: int, experts: list[int]):
+        self.source, self.layer, self.experts = source, layer, experts
+        self.refs = {e: source.refs_for(layer, e) for e in experts}
+        self.started = time.perf_counter()
+        self.results: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def done(self) -> bool:
+        if self.results is not None:
+            return True
+        flat = [r for refs in self.refs.values() for r in refs.values()]
+        ready, _ = ray.wait(flat, num_returns=len(flat), timeout=0, fetch_local=True)
+        return len(ready) == len(flat)
+
+    def result(self, expert: int):
+        if self.results is None:
+            self.results = self.source.collect(self)
+        return self.results[expert]
+
+
+class RaySource:
+    """Experts from ``ExpertStore`` actors through the Ray object store.
+
+    ``owners[(layer, expert)]`` lists the indices of the stores holding it, primary first.
+    """
+
+    def __init__(self, stores: list, owners: dict[tuple[int, int], tuple[int, ...]], verify: bool = True,
+                 timeout_s: float = 30.0):
+        self.stores = list(stores)
+        self.owners = owners
+        self.verify = verify
+        self.timeout_s = timeout_s
+        self.metrics = TransportMetrics()
+        self.entries: dict[tuple[int, int, str], dict] = {}
+        self.cached: dict[tuple[int, int], tuple[int, dict]] = {}  # key -> (store, {name: ref})
+        self.down: set[int] = set()
+
+    def refs_for(self, layer: int, expert: int) -> dict:
+        key = (layer, expert)
+        if key not in self.cached:
+            self._ask_for_refs(layer, expert)
+        return self.cached[key][1]
+
+    def _ask_for_refs(self, layer: int, expert: int) -> None:
+        """One actor call per store: the references of every expert of the layer it holds."""
+        owners = self.owners.get((layer, expert))
+        if not owners:
+            raise KeyError(f"no store holds expert {expert} of layer {layer}")
+        for store in [s for s in owners if s not in self.down]:
+            held = sorted(e for (l, e), o in self.owners.items() if l == layer and store in o)
+            try:
+                refs = ray.get(self.stores[store].object_refs.remote(layer, held), timeout=self.timeout_s)
+            except STORE_DOWN:
+                self.down.add(store)
+                continue
+            if not self.entries:
+                self._learn_entries(store)
+            for e, named in refs.items():
+                self.cached[(layer, e)] = (store, named)
+            return
+        raise ExpertUnavailableError(
+            f"expert {expert} of layer {layer}: no store holding it answered (stores {list(owners)}, down: {sorted(self.down)}); "
+            "after a store restarts, call refresh()"
+        )
+
+    def _learn_entries(self, store: int) -> None:
+        for s in [store] + [i for i in range(len(self.stores)) if i != store]:
+            try:
+                for e in ray.get(self.stores[s].manifest.remote(), timeout=self.timeout_s)["entries"]:
+                    self.entries[(e["layer"], e["expert"], e["name"])] = e
+            except STORE_DOWN:
+                self.down.add(s)
+
+    def fetch(self, layer: int, experts: list[int]) -> dict:
+        batch = _Batch(self, layer, experts)
+        return {e: PendingExpert(batch, e) for e in experts}
+
+    __call__ = fetch
+
+    def collect(self, batch: _Batch) -> dict:
+        """One ``ray.get`` for the whole batch; experts whose store is down are retried on a replica."""
+        keys = [(e, name) for e in batch.experts for name in EXPERT_TENSORS]
+        try:
+            arrays = ray.get([batch.refs[e][name] for e, name in keys], timeout=self.timeout_s)
+        except STORE_DOWN:
+            return self._failover(batch)
+        out, nbytes = {}, 0
+        for (e, name), array in zip(keys, arrays):
+            entry = self.entries[(batch.layer, e, name)]
+            if self.verify and zlib.crc32(array) != entry["crc32"]:
+                raise CorruptShardError(f"layer {batch.layer} expert {e} tensor {name!r}: bytes do not match the manifest")
+            out.setdefault(e, {})[name] = to_tensor(array, entry["dtype"])
+            nbytes += array.nbytes
+        self.metrics.record(nbytes, len(batch.experts), time.perf_counter() - batch.started)
+        return {e: (t["gate_up"], t["down"]) for e, t in out.items()}
+
+    def _failover(self, batch: _Batch) -> dict:
+        self.metrics.failovers += 1
+        stores = {self.cached[(batch.layer, e)][0] for e in batch.experts if (batch.layer, e) in self.cached}
+        self.down |= stores
+        for e in batch.experts:
+            self.cached.pop((batch.layer, e), None)
+        retry = _Batch(self, batch.layer, batch.experts)  # asks replicas (or raises ExpertUnavailableError)
+        return self.collect(retry)
+
+    def refresh(self) -> None:
+        """Forget cached references and which stores were down (after a store restarted)."""
+        self.cached.clear()
+        self.down.clear()
+
+    def close(self) -> None:
+        self.cached.clear()
