@@ -25,6 +25,8 @@ class DecoderConfig:
     k:               draft tokens per round, an integer in [0, k_max] or "auto" (adaptive)
     cache_budget:    expert cache size: a fraction (0, 1] of all expert bytes, or bytes (> 1)
     pinned_fraction: share of the budget pinned to the routing profile's hottest experts
+    remote_compute:  let a missed expert with few tokens run on its store when moving the
+                     activations costs less than moving the weights (results are identical)
     """
 
     mode: str = "resident"
@@ -37,6 +39,7 @@ class DecoderConfig:
     shadow_bits: int = 4
     shadow_group_size: int = 32
     profile: str | Path | None = None
+    remote_compute: bool = False
 
     def __post_init__(self):
         if self.mode not in MODES:

@@ -82,8 +82,9 @@ class Engine:
         if dec.mode != "resident":
             from specmoe.offload import attach_runtime, checkpoint_fetcher
 
+            compute = getattr(fetch, "compute", None)
             fetch = fetch or checkpoint_fetcher(config.model)
-            self.runtime = attach_runtime(model, fetch, dec, config.device)
+            self.runtime = attach_runtime(model, fetch, dec, config.device, compute)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
         self.eos_token_ids = eos_token_ids(config.model, self.hf_config)
         self.max_model_len = config.max_model_len or min(self.hf_config.max_position_embeddings, 2048)

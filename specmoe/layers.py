@@ -243,23 +243,29 @@ def run_experts(
     hidden_states: torch.Tensor,
     top_k_index: torch.Tensor,
     top_k_weights: torch.Tensor,
-    weights_of: Callable[[list[int]], dict],
+    weights_of: Callable[[dict[int, int]], dict],
 ) -> torch.Tensor:
     """Each expert that has tokens runs once on all of them, in expert order.
 
-    ``weights_of(experts) -> {expert: (gate_up, down) or None}``; None skips the expert (a
-    draft's placeholder pick, whose routing weight is 0).
-    hidden_states [N, H], top_k_index [N, K], top_k_weights [N, K] -> [N, H]
+    ``weights_of({expert: tokens}) -> {expert: w}`` where w is ``(gate_up, down)``, None (skip:
+    a draft's placeholder pick, whose routing weight is 0), or a function ``x -> future of
+    the expert's output`` (the expert runs elsewhere; all such calls are issued before any
+    is awaited). hidden_states [N, H], top_k_index [N, K], top_k_weights [N, K] -> [N, H]
     """
     counts, rows, pairs = group_by_expert(top_k_index, experts.num_experts)
-    tensors = weights_of([e for e, c in enumerate(counts) if c])
+    tensors = weights_of({e: c for e, c in enumerate(counts) if c})
     x = hidden_states[rows]  # [N*K, H], expert-sorted
     y = torch.zeros_like(x) if None in tensors.values() else torch.empty_like(x)
-    start = 0
+    remote, start = [], 0
     for expert, count in enumerate(counts):
-        if count and tensors[expert] is not None:
-            y[start : start + count] = experts.apply_expert(x[start : start + count], *tensors[expert])
+        w = tensors.get(expert)
+        if callable(w):
+            remote.append((start, count, w(x[start : start + count])))
+        elif count and w is not None:
+            y[start : start + count] = experts.apply_expert(x[start : start + count], *w)
         start += count
+    for start, count, future in remote:
+        y[start : start + count] = future.result()
     y = (y * top_k_weights.reshape(-1)[pairs, None]).to(hidden_states.dtype)
     # rows are expert-sorted, so each token sums its experts in expert order (as transformers does)
     return torch.zeros_like(hidden_states).index_add_(0, rows, y)

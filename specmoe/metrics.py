@@ -66,6 +66,8 @@ def summarize(engine, generated_tokens: int, wall_s: float) -> dict:
                 "fetch_requests_per_token": f.fetch_requests * per_token,
                 "prefetched": f.prefetched,
                 "misses": f.misses,
+                "remote_computes": f.remote_computes,
+                "remote_activation_bytes": f.remote_activation_bytes,
                 "stall_s": f.stall_s,
                 "prediction_precision": f.precision,
                 "prediction_recall": f.recall,

@@ -47,6 +47,8 @@ class FetchCounters:
     misses: int = 0  # needed by an exact pass, not resident and not in flight: fetched on demand
     stall_s: float = 0.0  # time an exact pass waited on transfers
     shadow_uses: int = 0  # draft-phase uses of a low-bit copy
+    remote_computes: int = 0  # misses run on their store instead of being fetched
+    remote_activation_bytes: int = 0
     predicted: dict[int, set[int]] = field(default_factory=dict)  # this round, per layer
     needed: dict[int, set[int]] = field(default_factory=dict)  # this round's exact pass, per layer
     true_positives: int = 0
@@ -149,6 +151,11 @@ class ExpertRuntime:
         self.decoded: dict[Key, ExpertTensors] = {}  # shadow copies dequantized this round
         self.counters = FetchCounters()
         self.next_router: dict[int, torch.nn.Module] = {}  # layer -> router of the next MoE layer
+        # remote compute (optional): compute_fn(layer, expert, x [n, H]) -> future of [n, H]
+        self.compute_fn = None
+        self.remote_cost_factor = 4.0  # a remote call costs more than its bytes (latency, store CPU)
+        self.hidden_size = self.expert_bytes = 0
+        self.item_size = torch.empty((), dtype=dtype).element_size()
 
     # -- requests -------------------------------------------------------------------------
 
@@ -228,7 +235,9 @@ class ExpertRuntime:
 
     # -- weights for one layer's pass -----------------------------------------------------
 
-    def weights(self, layer: int, experts: list[int]) -> dict[int, ExpertTensors | None]:
+    def weights(self, layer: int, tokens: dict[int, int]) -> dict:
+        """Weights for one layer's pass: ``tokens`` maps each needed expert to its token count."""
+        experts = list(tokens)
         if self.phase == "draft":
             return {e: self._draft_weights((layer, e)) for e in experts}
         self.counters.needed.setdefault(layer, set()).update(experts)
@@ -239,11 +248,29 @@ class ExpertRuntime:
                 out[e] = hit
         missing = [e for e in experts if e not in out and (layer, e) not in self.staged and (layer, e) not in self.in_flight]
         self.counters.misses += len(missing)
+        for e in [e for e in missing if self._compute_remotely(tokens[e])]:
+            out[e] = self._remote(layer, e)
+            missing.remove(e)
         self.request(layer, missing, prefetch=False)
-        self._collect([(layer, e) for e in experts if (layer, e) in self.in_flight])
+        self._collect([(layer, e) for e in experts if e not in out and (layer, e) in self.in_flight])
         out.update({e: self.staged[(layer, e)] for e in experts if e not in out})
         self.upload.wait()
         return out
+
+    def _compute_remotely(self, tokens: int) -> bool:
+        """The cost model: moving the activations there and back costs less than moving the weights."""
+        if self.compute_fn is None:
+            return False
+        activation_bytes = 2 * tokens * self.hidden_size * self.item_size
+        return activation_bytes * self.remote_cost_factor < self.expert_bytes
+
+    def _remote(self, layer: int, expert: int):
+        def run(x: torch.Tensor):
+            self.counters.remote_computes += 1
+            self.counters.remote_activation_bytes += 2 * x.nbytes
+            return self.compute_fn(layer, expert, x.to("cpu"))
+
+        return run
 
     def _draft_weights(self, key: Key) -> ExpertTensors | None:
         resident = self.cache.peek(key)
@@ -286,7 +313,7 @@ class ExpertRuntime:
 def offloaded_experts(experts: Experts, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
     """Each expert's weights come from the attached ``ExpertRuntime``."""
     return run_experts(
-        experts, hidden_states, top_k_index, top_k_weights, lambda needed: experts.runtime.weights(experts.layer, needed)
+        experts, hidden_states, top_k_index, top_k_weights, lambda tokens: experts.runtime.weights(experts.layer, tokens)
     )
 
 
@@ -311,11 +338,12 @@ def checkpoint_fetcher(model_dir) -> FetchFn:
     return lambda layer, experts: {e: completed(reader.read(layer, e)) for e in experts}
 
 
-def attach_runtime(model, fetch: FetchFn, config, device: torch.device | str = "cpu") -> ExpertRuntime:
+def attach_runtime(model, fetch: FetchFn, config, device: torch.device | str = "cpu", compute=None) -> ExpertRuntime:
     """Make ``model``'s experts remote: attach one ExpertRuntime to every MoE layer.
 
     Sizes the cache from ``config.cache_budget``, pins the routing profile's hottest experts,
-    and (shadow draft policy) builds the low-bit copies. Bytes moved while setting up are
+    and (shadow draft policy) builds the low-bit copies; with ``config.remote_compute`` a miss
+    with few tokens runs on its store through ``compute``. Bytes moved while setting up are
     kept apart from the run's counters (``runtime.startup_bytes``).
     """
     blocks = model.moe_blocks()
@@ -336,6 +364,12 @@ def attach_runtime(model, fetch: FetchFn, config, device: torch.device | str = "
         dtype,
     )
     runtime.total_expert_bytes = total
+    runtime.hidden_size = hidden
+    runtime.expert_bytes = min(expert_bytes.values())
+    if config.remote_compute:
+        if compute is None:
+            raise ValueError("remote_compute needs a source that can run experts on their store (the grpc transport)")
+        runtime.compute_fn = compute
     for (layer, block), nxt in zip(blocks, blocks[1:] + [(None, None)]):
         block.experts.implementation = "offloaded"
         block.experts.runtime = runtime

@@ -213,3 +213,28 @@ def test_local_source_checks_bytes(shards):
     gate_up, _ = source.fetch(0, [1])[1].result()
     assert gate_up.shape == (512, 128)
     assert json.loads((shards / "manifest.json").read_text())["format"] == "specmoe-shards/1"
+
+
+def test_remote_compute_gives_the_same_tokens(server, shipped_model):
+    from specmoe.config import DecoderConfig, EngineConfig
+    from specmoe.engine import Engine
+    from specmoe.sampling import SamplingParams
+
+    prompts = [[5, 17, 99, 4], [300, 2, 41]]
+    params = SamplingParams(max_new_tokens=16)
+    want = [o.token_ids for o in Engine(EngineConfig(model=shipped_model, max_batch_size=2)).generate(prompts, params)]
+    for mode in ("ondemand", "specmoe"):
+        source = GrpcSource([server], GrpcConfig(token="s3cret"))
+        decoder = DecoderConfig(mode=mode, k=2, remote_compute=True)
+        engine = Engine(EngineConfig(model=shipped_model, max_batch_size=2, decoder=decoder), fetch=source)
+        assert [o.token_ids for o in engine.generate(prompts, params)] == want
+        assert engine.runtime.counters.remote_computes > 0
+        source.close()
+
+
+def test_remote_compute_needs_a_source_that_computes(shipped_model):
+    from specmoe.config import DecoderConfig, EngineConfig
+    from specmoe.engine import Engine
+
+    with pytest.raises(ValueError, match="remote_compute needs a source"):
+        Engine(EngineConfig(model=shipped_model, decoder=DecoderConfig(mode="ondemand", remote_compute=True)))
