@@ -32,6 +32,8 @@ def add_decoder_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", default=None, help="routing profile (from `specmoe profile`) whose hottest experts are pinned")
     parser.add_argument("--experts", choices=["local", "ray", "grpc"], default="local",
                         help="where non-resident experts come from: in-process, an ExpertStore over Ray, or over gRPC")
+    parser.add_argument("--remote-compute", action="store_true",
+                        help="run a missed expert with few tokens on its store (needs --experts grpc)")
 
 
 def decoder_config(args: argparse.Namespace):
@@ -45,6 +47,7 @@ def decoder_config(args: argparse.Namespace):
         k_max=args.k_max,
         cache_budget=parse_budget(args.cache_budget),
         profile=args.profile,
+        remote_compute=args.remote_compute,
     )
 
 
