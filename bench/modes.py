@@ -8,7 +8,7 @@ model that memorised its training text is not flattered), every mode at every ba
 Every mode generates ``--new-tokens`` greedy tokens per prompt (EOS ignored) and is timed
 end to end, prefill included; transformers ``generate`` runs the same prompts with every
 expert resident. Greedy tokens of every mode are checked against ``resident``. Writes
-``bench/results/modes-<model>.json``, ``.md`` and two PNG plots (throughput vs batch;
+``bench/results/modes-<model>-<transports>.json``, ``.md`` and two PNG plots (throughput vs batch;
 expert bytes per token).
 """
 
@@ -216,7 +216,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(REPO / "bench" / "results"))
     cfg = BenchConfig(**vars(parser.parse_args(argv)))
     report = run(cfg)
-    stem = Path(cfg.out) / f"modes-{Path(cfg.model).name}"
+    stem = Path(cfg.out) / f"modes-{Path(cfg.model).name}-{'-'.join(cfg.experts)}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
     stem.with_suffix(".md").write_text(markdown(report))
     plots(report, stem)
