@@ -26,7 +26,7 @@ from specmoe.config import DecoderConfig, EngineConfig
 from specmoe.kv_cache import KVCache
 from specmoe.loader import load_model, read_config
 from specmoe.metrics import RoundCounters
-from specmoe.sampling import SamplingParams, probabilities
+from specmoe.sampling import SamplingParams, sample
 from specmoe.speculative import accept_greedy, accept_sampled, pad_drafts
 
 
@@ -182,14 +182,12 @@ class Engine:
             self.cache.truncate(seq.slot, len(seq.tokens) - 1)  # drop the scratch entries
 
     def _take_draft_tokens(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        tokens = logits.argmax(dim=-1)  # [b]
-        for row, seq in enumerate(seqs):
-            if not seq.params.greedy:
-                q = probabilities(logits[row], seq.params).cpu()  # [V]; sync: host generators
-                seq.draft_probs.append(q)
-                tokens[row] = torch.multinomial(q, 1, generator=seq.generator)[0]
-        for seq, token in zip(seqs, tokens.tolist()):  # sync: the next draft step's input
+        probs: dict[int, torch.Tensor] = {}
+        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs], probs)
+        for row, (seq, token) in enumerate(zip(seqs, tokens)):
             seq.draft.append(token)
+            if row in probs:
+                seq.draft_probs.append(probs[row])
 
     def _verify(self, seqs: list[Sequence]) -> torch.Tensor:
         """One exact pass: new sequences prefill, running ones check their draft. -> [B, k+1, V]"""

@@ -67,11 +67,19 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return logits.softmax(dim=-1)
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
-    """One token per row: logits [B, V] -> B token ids."""
+def sample(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+    probs_out: dict[int, torch.Tensor] | None = None,
+) -> list[int]:
+    """One token per row: logits [B, V] -> B token ids. ``probs_out`` receives, per sampled
+    row, the distribution [V] its token was drawn from (a draft keeps it for acceptance)."""
     tokens = logits.argmax(dim=-1)  # [B]
     for row, (p, gen) in enumerate(zip(params, generators)):
         if not p.greedy:
             probs = probabilities(logits[row], p).cpu()  # [V]; sync: request generators live on the host
             tokens[row] = torch.multinomial(probs, 1, generator=gen)[0]
+            if probs_out is not None:
+                probs_out[row] = probs
     return tokens.tolist()  # sync: the scheduler needs the tokens on the host
