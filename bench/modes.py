@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,6 +26,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.common import machine_info  # noqa: E402
 from specmoe.config import DecoderConfig, EngineConfig  # noqa: E402
 from specmoe.engine import Engine  # noqa: E402
 from specmoe.metrics import summarize  # noqa: E402
@@ -142,13 +142,7 @@ def run(cfg: BenchConfig) -> dict:
                     row = {"transport": transport, "batch": batch, "mode": name, "exact": tokens == resident, **metrics}
                     rows.append(row)
                     print(f"[bench] {transport} B={batch:<3} {name:<22} {metrics['tokens_per_s']:8.1f} tok/s", file=sys.stderr)
-    return {"config": asdict(cfg), "machine": machine(), "command": " ".join(sys.argv), "rows": rows}
-
-
-def machine() -> dict:
-    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")), "")
-    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
-            "date": time.strftime("%Y-%m-%d")}
+    return {"config": asdict(cfg), "machine": machine_info(), "command": " ".join(sys.argv), "rows": rows}
 
 
 def ratio(rows, transport, batch, a, b, key="tokens_per_s") -> float:
@@ -162,7 +156,7 @@ def markdown(report: dict) -> str:
             "acceptance_rate", "prediction_recall", "prediction_precision", "cache_hit_rate", "stall_s"]
     lines = [f"# Modes side by side: {Path(report['config']['model']).name}", "",
              f"Command: `{report['command']}`", "",
-             f"Machine: {report['machine']['cpu']}, {report['machine']['threads']} threads, torch {report['machine']['torch']}, "
+             f"Machine: {report['machine']['cpu']}, {report['machine']['torch_threads']} threads, torch {report['machine']['torch']}, "
              f"{report['machine']['date']}. Cache budget {report['config']['cache_budget']:.0%} of expert bytes; "
              f"{report['config']['new_tokens']} new tokens per prompt of {report['config']['prompt_len']} tokens; dtype {report['config']['dtype']}.", ""]
     for transport in dict.fromkeys(r["transport"] for r in rows):
@@ -171,13 +165,14 @@ def markdown(report: dict) -> str:
         for r in (r for r in rows if r["transport"] == transport):
             cells = [f"{r[c]:.3g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols]
             lines.append(f"| {r['batch']} | {r['mode']} | {'yes' if r['exact'] else 'NO'} | " + " | ".join(cells) + " |")
-        lines += ["", "| batch | ondemand: LFU / LRU tokens/s | LFU / LRU hit rate | specmoe-shadow-k4: LFU / LRU tokens/s |", "|---|---|---|---|"]
-        for batch in dict.fromkeys(r["batch"] for r in rows if r["transport"] == transport):
-            lines.append(
-                f"| {batch} | {ratio(rows, transport, batch, 'ondemand-lfu', 'ondemand'):.2f} | "
-                f"{ratio(rows, transport, batch, 'ondemand-lfu', 'ondemand', 'cache_hit_rate'):.2f} | "
-                f"{ratio(rows, transport, batch, 'specmoe-shadow-k4-lfu', 'specmoe-shadow-k4'):.2f} |"
-            )
+        if any(r["mode"] == "ondemand-lfu" for r in rows):
+            lines += ["", "| batch | ondemand: LFU / LRU tokens/s | LFU / LRU hit rate | specmoe-shadow-k4: LFU / LRU tokens/s |", "|---|---|---|---|"]
+            for batch in dict.fromkeys(r["batch"] for r in rows if r["transport"] == transport):
+                lines.append(
+                    f"| {batch} | {ratio(rows, transport, batch, 'ondemand-lfu', 'ondemand'):.2f} | "
+                    f"{ratio(rows, transport, batch, 'ondemand-lfu', 'ondemand', 'cache_hit_rate'):.2f} | "
+                    f"{ratio(rows, transport, batch, 'specmoe-shadow-k4-lfu', 'specmoe-shadow-k4'):.2f} |"
+                )
         lines += ["", "| batch | specmoe-shadow-k4 / ondemand | best specmoe / ondemand | best specmoe / pregate | bytes per token: shadow-k4 / ondemand |",
                   "|---|---|---|---|---|"]
         for batch in dict.fromkeys(r["batch"] for r in rows if r["transport"] == transport):
