@@ -12,6 +12,7 @@ publishes again and clients must refresh their references.
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 import ray
@@ -30,6 +31,13 @@ def to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.contiguous().view(view).numpy().view(np_dtype)
 
 
+def from_numpy(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """The tensor over a (read-only) array from ``to_numpy``: no copy."""
+    with warnings.catch_warnings():  # read-only on purpose: experts are never written
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array).view(dtype)
+
+
 class ExpertStore:
     """Plain class; ``store_actor()`` makes it a Ray actor on a store node."""
 
@@ -42,10 +50,18 @@ class ExpertStore:
         self.grpc_host = grpc.host if grpc is not None else None
 
     def publish(self) -> None:
-        """``ray.put`` every expert tensor (again): references handed out before are no longer served."""
+        """``ray.put`` every expert tensor (again): references handed out before are no longer served.
+
+        The table then reads the published copies (zero-copy views of this node's object store),
+        so gRPC and Compute share them and the process holds no second copy of its experts.
+        """
         self.published = {
             key: {name: ray.put(to_numpy(t)) for name, t in tensors.items()} for key, tensors in self.table.tensors.items()
         }
+        slots = [(key, name) for key, refs in self.published.items() for name in refs]
+        arrays = ray.get([self.published[key][name] for key, name in slots])  # sync: one get for all, on this node
+        for (key, name), array in zip(slots, arrays):
+            self.table.tensors[key][name] = from_numpy(array, self.table.tensors[key][name].dtype)
 
     def manifest(self) -> dict:
         """The model fingerprint and the manifest entries of every tensor this store holds."""
@@ -58,7 +74,6 @@ class ExpertStore:
             raise KeyError(f"this store has no experts {missing} of layer {layer}")
         return {e: self.published[(layer, e)] for e in experts}
 
-    object_refs = refs
 
     def health(self) -> dict:
         return {"serving": True, "experts": len(self.table.keys), "bytes": self.table.nbytes, "model": self.table.model,

@@ -10,6 +10,7 @@ references (after a store restarted and published again).
 from __future__ import annotations
 
 import time
+import warnings
 import zlib
 
 import numpy as np
@@ -25,9 +26,12 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 
 
 def to_tensor(array: np.ndarray, dtype: str) -> torch.Tensor:
-    if dtype == "bfloat16":
-        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(array)
+    """A tensor over the array ``ray.get`` returned: no copy, read-only (a view of the object store)."""
+    with warnings.catch_warnings():  # read-only on purpose: fetched experts are never written
+        warnings.simplefilter("ignore", UserWarning)
+        if dtype == "bfloat16":
+            return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(array)
 
 
 class PendingExpert:
@@ -46,7 +50,8 @@ class PendingExpert:
 class _Batch:
     def __init__(self, source: "RaySource", layer: int, experts: list[int]):
         self.source, self.layer, self.experts = source, layer, experts
-        self.refs = {e: source.refs_for(layer, e) for e in experts}
+        source.ensure_refs(layer, experts)
+        self.refs = {e: source.cached[(layer, e)][1] for e in experts}
         self.started = time.perf_counter()
         self.results: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
 
@@ -81,32 +86,41 @@ class RaySource:
         self.down: set[int] = set()
 
     def refs_for(self, layer: int, expert: int) -> dict:
-        key = (layer, expert)
-        if key not in self.cached:
-            self._ask_for_refs(layer, expert)
-        return self.cached[key][1]
+        """``{"gate_up": ref, "down": ref}`` of one expert (asked for once, then cached)."""
+        self.ensure_refs(layer, [expert])
+        return self.cached[(layer, expert)][1]
 
-    def _ask_for_refs(self, layer: int, expert: int) -> None:
-        """One actor call per store: the references of every expert of the layer it holds."""
-        owners = self.owners.get((layer, expert))
-        if not owners:
-            raise KeyError(f"no store holds expert {expert} of layer {layer}")
-        for store in [s for s in owners if s not in self.down]:
-            held = sorted(e for (l, e), o in self.owners.items() if l == layer and store in o)
-            try:
-                refs = ray.get(self.stores[store].object_refs.remote(layer, held), timeout=self.timeout_s)
-            except STORE_DOWN:
-                self.down.add(store)
-                continue
+    def ensure_refs(self, layer: int, experts: list[int]) -> None:
+        """Cache the references of ``experts``: each store holding some is asked at once for all of
+        the layer's experts it holds, all stores in parallel, answers awaited once; a store that
+        does not answer is marked down and its experts are asked of their next replica."""
+        missing = [e for e in experts if (layer, e) not in self.cached]
+        while missing:
+            asks = {}  # store -> experts of this layer it holds
+            for e in missing:
+                owners = self.owners.get((layer, e))
+                if not owners:
+                    raise KeyError(f"no store holds expert {e} of layer {layer}")
+                alive = [s for s in owners if s not in self.down]
+                if not alive:
+                    raise ExpertUnavailableError(
+                        f"expert {e} of layer {layer}: no store holding it answered (stores {list(owners)}, "
+                        f"down: {sorted(self.down)}); after a store restarts, call refresh()"
+                    )
+                asks.setdefault(alive[0], sorted(x for (l, x), o in self.owners.items() if l == layer and alive[0] in o))
+            calls = {store: self.stores[store].refs.remote(layer, held) for store, held in asks.items()}
+            ray.wait(list(calls.values()), num_returns=len(calls), timeout=self.timeout_s)  # sync: one wait for all stores
+            for store, call in calls.items():
+                try:
+                    refs = ray.get(call, timeout=0)
+                except STORE_DOWN:
+                    self.down.add(store)
+                    continue
+                for e, named in refs.items():
+                    self.cached[(layer, e)] = (store, named)
             if not self.entries:
-                self._learn_entries(store)
-            for e, named in refs.items():
-                self.cached[(layer, e)] = (store, named)
-            return
-        raise ExpertUnavailableError(
-            f"expert {expert} of layer {layer}: no store holding it answered (stores {list(owners)}, down: {sorted(self.down)}); "
-            "after a store restarts, call refresh()"
-        )
+                self._learn_entries(next(iter(calls)))
+            missing = [e for e in missing if (layer, e) not in self.cached]
 
     def _learn_entries(self, store: int) -> None:
         for s in [store] + [i for i in range(len(self.stores)) if i != store]:

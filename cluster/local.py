@@ -155,9 +155,9 @@ def cluster_up(spec: ClusterSpec, port: int = HEAD_PORT, timeout_s: float = 180.
 def serve(spec: ClusterSpec, state: Path) -> None:
     """Run the cluster until SIGTERM or SIGINT (the body of ``cluster_up``'s detached process)."""
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     with LocalCluster(spec, connect=False) as cluster:
+        for sig in (signal.SIGTERM, signal.SIGINT):  # after the nodes: Ray's own handler would drain and exit
+            signal.signal(sig, lambda *_: stop.set())
         state.write_text(json.dumps({"address": cluster.address, "pid": os.getpid(), "spec": asdict(spec)}))
         stop.wait()
 

@@ -35,6 +35,7 @@ from specmoe.quant import QuantizedTensor, quantize
 from specmoe.weights import EXPERT_PARAM, Checkpoint, ExpertReader, match_name
 
 FORMAT = "specmoe-shards/1"
+UNFINISHED = "PREPARING"  # holds the model's fingerprint until the manifest is written
 EXPERT_TENSORS = ("gate_up", "down")
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model", "README.md")
@@ -94,11 +95,17 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
                 f"{cfg.out_dir} holds shards of another model (fingerprint {old.get('model')}, this one is {model_id}); "
                 "choose an empty directory"
             )
-        if (old.get("dtype_arg"), old.get("quantize")) != (cfg.dtype, cfg.quantize):
-            raise ValueError(f"{cfg.out_dir} was prepared with other options (dtype {old.get('dtype_arg')}, quantize {old.get('quantize')})")
-    elif cfg.out_dir.exists() and any(cfg.out_dir.iterdir()):
-        raise ValueError(f"{cfg.out_dir} is not empty and holds no manifest; choose an empty directory")
+        if (old.get("dtype_arg"), old.get("quantize"), old.get("group_size")) != (cfg.dtype, cfg.quantize, cfg.group_size):
+            raise ValueError(
+                f"{cfg.out_dir} was prepared with other options (dtype {old.get('dtype_arg')}, quantize "
+                f"{old.get('quantize')}, group size {old.get('group_size')}); use them, or choose an empty directory"
+            )
+    elif cfg.out_dir.exists() and any(cfg.out_dir.iterdir()) and _unfinished(cfg.out_dir) != model_id:
+        raise ValueError(f"{cfg.out_dir} is not empty and holds no manifest of this model; choose an empty directory")
     reader = ShardReader(cfg.out_dir) if manifest_path.exists() else None
+    cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    if reader is None:  # an interrupted run of the same model may start again here
+        (cfg.out_dir / UNFINISHED).write_text(model_id + "\n")
 
     (cfg.out_dir / "experts").mkdir(parents=True, exist_ok=True)
     entries = []
@@ -123,8 +130,17 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
         "dense": dense,
         "tensors": entries,
     }
-    manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
+    tmp = manifest_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    tmp.replace(manifest_path)  # the manifest appears whole, and last
+    (cfg.out_dir / UNFINISHED).unlink(missing_ok=True)
     return manifest
+
+
+def _unfinished(out_dir: Path) -> str | None:
+    """The fingerprint of the model an interrupted ``prepare`` was writing here, if any."""
+    marker = out_dir / UNFINISHED
+    return marker.read_text().strip() if marker.exists() else None
 
 
 def _num_experts(config) -> int:
