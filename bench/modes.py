@@ -26,7 +26,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import machine_info  # noqa: E402
+from bench.common import command_line, machine_info, repo_relative  # noqa: E402
 from specmoe.config import DecoderConfig, EngineConfig  # noqa: E402
 from specmoe.engine import Engine  # noqa: E402
 from specmoe.metrics import summarize  # noqa: E402
@@ -142,7 +142,8 @@ def run(cfg: BenchConfig) -> dict:
                     row = {"transport": transport, "batch": batch, "mode": name, "exact": tokens == resident, **metrics}
                     rows.append(row)
                     print(f"[bench] {transport} B={batch:<3} {name:<22} {metrics['tokens_per_s']:8.1f} tok/s", file=sys.stderr)
-    return {"config": asdict(cfg), "machine": machine_info(), "command": " ".join(sys.argv), "rows": rows}
+    config = {**asdict(cfg), "model": repo_relative(cfg.model), "out": repo_relative(cfg.out)}
+    return {"config": config, "machine": machine_info(), "command": command_line(), "rows": rows}
 
 
 def ratio(rows, transport, batch, a, b, key="tokens_per_s") -> float:

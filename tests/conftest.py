@@ -138,3 +138,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def corrupt_copy(shards: Path, out: Path, layer: int, expert: int, tensor: str, offset: int = 0) -> Path:
+    """A copy of a prepared directory with one byte of one expert tensor flipped; returns the shard file."""
+    from specmoe.shards import ShardReader
+
+    shutil.copytree(shards, out)
+    entry = next(e for e in ShardReader(out).entries(layer, expert) if e["name"] == tensor)
+    path = out / entry["file"]
+    data = bytearray(path.read_bytes())
+    header_len = int.from_bytes(data[:8], "little")
+    start, _ = json.loads(data[8 : 8 + header_len])[tensor]["data_offsets"]
+    data[8 + header_len + start + offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+    return path

@@ -13,6 +13,7 @@ import ray
 import torch
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
+from conftest import corrupt_copy
 from cluster.local import ClusterSpec, LocalCluster
 from cluster.sources import start_stores
 from actors.decoder import decoder_actor
@@ -22,7 +23,7 @@ from specmoe.expert_source import ExpertUnavailableError
 from specmoe.grpc_service import ServerConfig
 from specmoe.models import model_class
 from specmoe.sampling import SamplingParams
-from specmoe.shards import PrepareConfig, ShardReader, prepare
+from specmoe.shards import PrepareConfig, prepare
 from specmoe.weights import Checkpoint, ExpertReader
 
 pytestmark = pytest.mark.cluster
@@ -103,18 +104,8 @@ def _decoder_on_another_node(cluster, stores, shipped_model):
 
 
 def test_a_corrupt_shard_stops_the_store_from_starting(cluster, shards, tmp_path):
-    import json
-    import shutil
-
     bad = tmp_path / "bad"
-    shutil.copytree(shards, bad)
-    entry = next(e for e in ShardReader(bad).entries(2, 5) if e["name"] == "gate_up")
-    path = bad / entry["file"]
-    data = bytearray(path.read_bytes())
-    header_len = int.from_bytes(data[:8], "little")
-    start, _ = json.loads(data[8 : 8 + header_len])["gate_up"]["data_offsets"]
-    data[8 + header_len + start] ^= 0x01
-    path.write_bytes(bytes(data))
+    corrupt_copy(shards, bad, 2, 5, "gate_up")
     store = store_actor().remote(str(bad), [(2, 5)])
     with pytest.raises(RayActorError, match=r"'gate_up' of layer 2 expert 5"):
         ray.get(store.health.remote())

@@ -10,7 +10,7 @@ import grpc
 import pytest
 import torch
 
-from conftest import REPO, rewrite_fused
+from conftest import REPO, corrupt_copy, rewrite_fused
 from cluster.placement import plan_placement
 from protos import expert_service_pb2 as pb2
 from protos import expert_service_pb2_grpc as pb2_grpc
@@ -80,17 +80,9 @@ def test_quantized_copies_are_close_to_the_exact_ones(shards):
 
 
 def test_a_corrupted_byte_names_the_file_and_tensor(shards, tmp_path):
-    import shutil
-
     bad = tmp_path / "bad"
-    shutil.copytree(shards, bad)
-    entry = next(e for e in ShardReader(bad).entries(1, 4) if e["name"] == "down")
-    path = bad / entry["file"]
-    data = bytearray(path.read_bytes())
-    header_len = int.from_bytes(data[:8], "little")
-    start, _ = json.loads(data[8 : 8 + header_len])["down"]["data_offsets"]
-    data[8 + header_len + start + 5] ^= 0xFF  # one byte inside the "down" tensor
-    path.write_bytes(bytes(data))
+    path = corrupt_copy(shards, bad, 1, 4, "down", offset=5)
+    data = path.read_bytes()
     with pytest.raises(CorruptShardError, match=r"'down' of layer 1 expert 4 in .*L001-E004\.safetensors"):
         ExpertTable(bad)
     path.write_bytes(bytes(data[:100]))  # truncated
