@@ -230,3 +230,16 @@ def test_remote_compute_needs_a_source_that_computes(shipped_model):
 
     with pytest.raises(ValueError, match="remote_compute needs a source"):
         Engine(EngineConfig(model=shipped_model, decoder=DecoderConfig(mode="ondemand", remote_compute=True)))
+
+
+def test_a_retrained_model_of_the_same_shape_has_another_fingerprint(checkpoints, tmp_path):
+    from conftest import save_random_checkpoint
+    from specmoe.shards import fingerprint
+
+    a = save_random_checkpoint("mixtral", tmp_path / "a", seed=1)
+    b = save_random_checkpoint("mixtral", tmp_path / "b", seed=2)
+    assert fingerprint(Checkpoint(a)) != fingerprint(Checkpoint(b))
+    assert fingerprint(Checkpoint(a)) == fingerprint(Checkpoint(save_random_checkpoint("mixtral", tmp_path / "c", seed=1)))
+    prepare(PrepareConfig(a, tmp_path / "shards"), progress=False)
+    with pytest.raises(ValueError, match="another model"):
+        prepare(PrepareConfig(b, tmp_path / "shards"), progress=False)

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -37,8 +38,8 @@ def test_shipped_model_is_small_and_described(shipped_model):
     assert "python -m specmoe.tools.train_tiny" in card and "validation" in card
 
 
-def run_cli(*args):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+def run_cli(*args, env=None):
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     return subprocess.run([sys.executable, "-m", "specmoe", *args], capture_output=True, text=True, env=env, timeout=300)
 
 
@@ -60,3 +61,15 @@ def test_cli_reports_bad_input_clearly(shipped_model, tmp_path):
     assert proc.returncode == 2 and "does not exist" in proc.stderr
     proc = run_cli("generate", "--prompt", "x", "--k", "many")
     assert proc.returncode == 2 and "--k must be an integer or 'auto'" in proc.stderr
+
+
+@pytest.mark.cluster
+def test_cli_with_experts_on_a_local_ray_cluster_prints_the_resident_text(shipped_model, tmp_path):
+    """The demo path: shards prepared into a cache, a cluster started, experts fetched over Ray."""
+    engine = Engine(EngineConfig(model=shipped_model, max_batch_size=1))
+    expected = engine.generate(["ROMEO:"], SamplingParams(max_new_tokens=24))[0].text
+    env = {"SPECMOE_CACHE": str(tmp_path / "cache")}
+    proc = run_cli("generate", "--prompt", "ROMEO:", "--max-new-tokens", "24", "--mode", "specmoe", "--experts", "ray", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == expected + "\n"
+    assert "expert_bytes_moved" in proc.stderr
