@@ -22,7 +22,6 @@ from specmoe.expert_source import ExpertUnavailableError, TransportMetrics
 from specmoe.shards import EXPERT_TENSORS, CorruptShardError
 
 STORE_DOWN = (RayActorError, ActorUnavailableError, ObjectLostError, OwnerDiedError, GetTimeoutError)
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def to_tensor(array: np.ndarray, dtype: str) -> torch.Tensor:
