@@ -22,7 +22,7 @@ class Decoder:
         self.source = None
         if config.decoder.mode != "resident":
             if grpc_addresses:
-                from specmoe.expert_source import GrpcSource
+                from actors.grpc_source import GrpcSource
 
                 self.source = GrpcSource(grpc_addresses, verify=verify, owners=owners)
             else:

@@ -18,7 +18,7 @@ import numpy as np
 import ray
 import torch
 
-from specmoe.grpc_service import ExpertTable, ServerConfig, serve_experts
+from actors.grpc_service import ExpertTable, ServerConfig, serve_experts
 
 STORE_RESOURCE = "expert_store"
 NUMPY_VIEWS = {torch.float32: (np.float32, torch.float32), torch.bfloat16: (np.uint16, torch.int16),

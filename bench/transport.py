@@ -171,8 +171,9 @@ def bench_size(cfg: BenchConfig, expert_kb: int, raw, tmp: Path) -> dict:
     import ray
 
     from cluster.sources import start_stores
-    from specmoe.expert_source import GrpcConfig, LocalSource
-    from specmoe.grpc_service import ServerConfig
+    from actors.grpc_source import GrpcConfig
+    from specmoe.expert_source import LocalSource
+    from actors.grpc_service import ServerConfig
     from specmoe.shards import PrepareConfig, prepare
 
     hidden, inter = expert_shape(expert_kb * KB)

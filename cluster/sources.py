@@ -32,7 +32,7 @@ class StoreSet:
         return RaySource(self.handles, self.placement.owners, verify=verify)
 
     def grpc_source(self, cfg=None, verify: bool = True):
-        from specmoe.expert_source import GrpcSource
+        from actors.grpc_source import GrpcSource
 
         if None in self.grpc_addresses:
             raise ValueError("these stores were started without gRPC")
@@ -84,7 +84,7 @@ def remote_experts(model_dir, transport: str, verify: bool = False) -> Iterator:
         yield checkpoint_fetcher(model_dir)
         return
     from cluster.local import ClusterSpec, LocalCluster
-    from specmoe.grpc_service import ServerConfig
+    from actors.grpc_service import ServerConfig
 
     shards = prepared_dir(model_dir)
     with LocalCluster(ClusterSpec(stores=1, decoders=0, object_store_mb=512)):

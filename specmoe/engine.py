@@ -49,10 +49,15 @@ class Sequence:
 
 @dataclass
 class StepOutput:
+    """What one request gained in one round: committed tokens only (accepted draft tokens and
+    the bonus, cut at a stop), with the round's speculation counts for this request."""
+
     request_id: str
     new_token_ids: list[int]
     finished: bool
     finish_reason: str | None
+    drafted: int = 0  # draft tokens this request proposed this round
+    accepted: int = 0  # of them, accepted and emitted (none past a stop)
 
 
 @dataclass
@@ -148,7 +153,7 @@ class Engine:
         drafted = time.perf_counter()
         logits = self._verify(seqs)  # [B, k+1, V]
         verdict = self._accept(seqs, logits)
-        outputs = self._roll_back(seqs, verdict.tokens([s.draft for s in seqs]))
+        outputs = self._roll_back(seqs, verdict)
         self._adapt(k, seqs, verdict.accepted, drafted - started, time.perf_counter() - drafted)
         return outputs
 
@@ -218,10 +223,11 @@ class Engine:
                 q[i, : len(s.draft_probs)] = torch.stack(s.draft_probs)
         return accept_sampled(drafts, q, logits, [s.params for s in seqs], [s.generator for s in seqs])
 
-    def _roll_back(self, seqs: list[Sequence], gained: list[list[int]]) -> list[StepOutput]:
+    def _roll_back(self, seqs: list[Sequence], verdict) -> list[StepOutput]:
         """Append each sequence's accepted tokens and bonus (up to a stop); truncate its KV."""
         outputs = []
-        for seq, tokens in zip(seqs, gained):
+        gained = verdict.tokens([s.draft for s in seqs])
+        for seq, tokens, accepted in zip(seqs, gained, verdict.accepted):
             kept = []
             for token in tokens:
                 kept.append(token)
@@ -229,7 +235,8 @@ class Engine:
                     break
             if seq.finish_reason is None:
                 self.cache.truncate(seq.slot, len(seq.tokens) - 1)
-            outputs.append(StepOutput(seq.request_id, kept, seq.finish_reason is not None, seq.finish_reason))
+            outputs.append(StepOutput(seq.request_id, kept, seq.finish_reason is not None, seq.finish_reason,
+                                      len(seq.draft), min(accepted, len(kept))))
         if self.runtime is not None:
             self.runtime.admit_staged()
         return outputs

@@ -20,7 +20,7 @@ from actors.decoder import decoder_actor
 from actors.expert_store import store_actor
 from specmoe.config import DecoderConfig, EngineConfig
 from specmoe.expert_source import ExpertUnavailableError
-from specmoe.grpc_service import ServerConfig
+from actors.grpc_service import ServerConfig
 from specmoe.models import model_class
 from specmoe.sampling import SamplingParams
 from specmoe.shards import PrepareConfig, prepare

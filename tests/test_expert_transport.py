@@ -11,9 +11,10 @@ import torch
 
 from conftest import REPO
 from protos import expert_service_pb2 as pb2
-from specmoe.cli import main as cli
-from specmoe.expert_source import ExpertUnavailableError, GrpcConfig, GrpcSource
-from specmoe.grpc_service import ExpertTable, ServerConfig, serve_experts
+from deploy.cli import main as cli
+from actors.grpc_source import GrpcConfig, GrpcSource
+from specmoe.expert_source import ExpertUnavailableError
+from actors.grpc_service import ExpertTable, ServerConfig, serve_experts
 from specmoe.shards import UNFINISHED, CorruptShardError, PrepareConfig, ShardReader, prepare
 from specmoe.tensor_wire import decode_chunk, encode_chunks, varint
 

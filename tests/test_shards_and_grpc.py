@@ -14,8 +14,9 @@ from conftest import REPO, corrupt_copy, rewrite_fused
 from cluster.placement import plan_placement
 from protos import expert_service_pb2 as pb2
 from protos import expert_service_pb2_grpc as pb2_grpc
-from specmoe.expert_source import GrpcConfig, GrpcSource, LocalSource
-from specmoe.grpc_service import ExpertTable, ServerConfig, serve_experts
+from actors.grpc_source import GrpcConfig, GrpcSource
+from specmoe.expert_source import LocalSource
+from actors.grpc_service import ExpertTable, ServerConfig, serve_experts
 from specmoe.layers import expert_ffn
 from specmoe.loader import load_model
 from specmoe.models import model_class

@@ -1,5 +1,0 @@
-import sys
-
-from specmoe.cli import main
-
-sys.exit(main())
