@@ -155,6 +155,9 @@ def cluster_up(spec: ClusterSpec, port: int = HEAD_PORT, timeout_s: float = 180.
 def serve(spec: ClusterSpec, state: Path) -> None:
     """Run the cluster until SIGTERM or SIGINT (the body of ``cluster_up``'s detached process)."""
     stop = threading.Event()
+    # Ray records the latest cluster's address in its default folder even when the nodes use
+    # another one, and fails if that folder does not exist yet (a fresh machine)
+    (Path(tempfile.gettempdir()) / "ray").mkdir(exist_ok=True)
     with LocalCluster(spec, connect=False) as cluster:
         for sig in (signal.SIGTERM, signal.SIGINT):  # after the nodes: Ray's own handler would drain and exit
             signal.signal(sig, lambda *_: stop.set())
