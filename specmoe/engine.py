@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,19 +143,51 @@ class Engine:
     # -- the round --------------------------------------------------------------------------
 
     def step(self) -> list[StepOutput]:
-        """One round for every scheduled sequence; returns what each one gained."""
-        seqs = self._schedule()
-        if not seqs:
-            return []
-        started = time.perf_counter()
-        k = self.controller.choose() if self.config.decoder.speculative else 0
-        self._draft(seqs, k)
-        drafted = time.perf_counter()
-        logits = self._verify(seqs)  # [B, k+1, V]
-        verdict = self._accept(seqs, logits)
-        outputs = self._roll_back(seqs, verdict)
-        self._adapt(k, seqs, verdict.accepted, drafted - started, time.perf_counter() - drafted)
-        return outputs
+        """One round for every scheduled sequence; returns what each one gained.
+
+        Atomic: if anything in the round raises (a fetch that fails, say), every request is
+        put back as it was before the round (queue position, committed tokens, KV length,
+        sampling generator; drafts dropped), the runtime forgets the round's fetches, and
+        the error propagates. The next ``step()`` runs the round again.
+        """
+        undo = self._round_undo()
+        try:
+            seqs = self._schedule()
+            if not seqs:
+                return []
+            started = time.perf_counter()
+            k = self.controller.choose() if self.config.decoder.speculative else 0
+            self._draft(seqs, k)
+            drafted = time.perf_counter()
+            logits = self._verify(seqs)  # [B, k+1, V]
+            verdict = self._accept(seqs, logits)
+            outputs = self._roll_back(seqs, verdict)
+            self._adapt(k, seqs, verdict.accepted, drafted - started, time.perf_counter() - drafted)
+            return outputs
+        except BaseException:
+            undo()
+            raise
+
+    def _round_undo(self) -> Callable[[], None]:
+        """What ``step`` calls to put every request back as it is now. KV entries below each
+        sequence's length are never written by a round, so lengths are all the cache needs."""
+        waiting, running, cache = list(self.waiting), list(self.running), self.cache.snapshot()
+        saved = [(s, s.slot, len(s.output), s.finish_reason, s.generator.get_state() if s.generator else None)
+                 for s in waiting + running]
+
+        def undo() -> None:
+            for seq, slot, n_output, reason, generator in saved:
+                seq.slot, seq.finish_reason = slot, reason
+                del seq.output[n_output:]
+                seq.draft, seq.draft_probs = [], []
+                if generator is not None:
+                    seq.generator.set_state(generator)
+            self.waiting, self.running = deque(waiting), running
+            self.cache.restore(cache)
+            if self.runtime is not None:
+                self.runtime.abandon_round()
+
+        return undo
 
     def _draft(self, seqs: list[Sequence], k: int) -> None:
         """Draft up to k tokens per running sequence in draft routing; KV entries are scratch.

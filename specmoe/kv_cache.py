@@ -64,6 +64,13 @@ class KVCache:
         self._free.append(slot)
         self._free.sort(reverse=True)  # hand out low slots first: batches stay consecutive
 
+    def snapshot(self) -> tuple[list[int], list[int]]:
+        """(lengths, free slots): what ``restore`` needs to undo a round."""
+        return list(self.lengths), list(self._free)
+
+    def restore(self, state: tuple[list[int], list[int]]) -> None:
+        self.lengths[:], self._free[:] = state
+
     def truncate(self, slot: int, length: int) -> None:
         """Roll a sequence back to its first ``length`` positions."""
         if not 0 <= length <= self.lengths[slot]:

@@ -202,6 +202,15 @@ class ExpertRuntime:
         self.staged.clear()
         self.decoded.clear()
 
+    def abandon_round(self) -> None:
+        """A round failed: forget its requests in flight (some may have failed), what it
+        staged and dequantized, and its predictions; the cache keeps what it held."""
+        self.in_flight.clear()
+        self.staged.clear()
+        self.decoded.clear()
+        self.counters.predicted, self.counters.needed = {}, {}
+        self.phase = "exact"
+
     # -- setting up -----------------------------------------------------------------------
 
     def fetch_now(self, layer: int, experts: list[int]) -> dict[int, ExpertTensors]:
