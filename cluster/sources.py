@@ -59,13 +59,25 @@ def start_stores(shard_dir, num_stores: int = 1, replication: int = 1, grpc=None
 
 
 def prepared_dir(model_dir) -> Path:
-    """Shards of ``model_dir`` under the cache (``SPECMOE_CACHE``, default ~/.cache/specmoe), prepared once."""
+    """Shards of ``model_dir`` under the cache (``SPECMOE_CACHE``, default ~/.cache/specmoe).
+
+    Prepared once; verified on every call (the CRC-32 of every file, one read of the cache),
+    and a cache with a missing or corrupt file is repaired by ``prepare`` before it is used.
+    """
+    import sys
+
+    from specmoe.shards import verify_prepared
     from specmoe.weights import Checkpoint
 
     root = Path(os.environ.get("SPECMOE_CACHE", Path.home() / ".cache" / "specmoe")) / "shards"
     out = root / fingerprint(Checkpoint(model_dir))
-    if not (out / "manifest.json").exists():
-        prepare(PrepareConfig(model_dir, out), progress=False)
+    if (out / "manifest.json").exists():
+        bad = verify_prepared(out)
+        if not bad:
+            return out
+        print(f"[specmoe] shard cache {out}: {len(bad)} file(s) do not match the manifest ({', '.join(bad[:4])}); "
+              "rewriting them", file=sys.stderr)
+    prepare(PrepareConfig(model_dir, out), progress=False)
     return out
 
 

@@ -10,8 +10,11 @@ Layout of a prepared directory::
                                    (plus "<name>.qdata"/"<name>.scales" with --quantize)
 
 The checkpoint is read one tensor at a time through safetensors' memory map, so a
-checkpoint larger than memory can be prepared. Re-running on the same model verifies what
-is there and skips it; a directory prepared from another model is never overwritten.
+checkpoint larger than memory can be prepared. Every file is written to a temporary name
+and renamed, so none is ever seen half-written. Re-running on the same model verifies
+every shard (CRC-32) and rewrites only the ones that do not match; an interrupted run
+resumes from the shards it recorded in ``PREPARING``; the dense part is rewritten only
+when it differs. A directory prepared from another model is never overwritten.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import shutil
+import shlex
 import sys
 import zlib
 from dataclasses import dataclass
@@ -27,7 +30,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save, save_file
 
 from specmoe.loader import DTYPES, read_config
 from specmoe.models import model_class
@@ -35,7 +38,7 @@ from specmoe.quant import QuantizedTensor, quantize
 from specmoe.weights import EXPERT_PARAM, Checkpoint, ExpertReader, match_name
 
 FORMAT = "specmoe-shards/1"
-UNFINISHED = "PREPARING"  # holds the model's fingerprint until the manifest is written
+UNFINISHED = "PREPARING"  # the model's fingerprint, then a journal line per shard written, until the manifest is
 EXPERT_TENSORS = ("gate_up", "down")
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model", "README.md")
@@ -43,7 +46,7 @@ TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch
 
 
 class CorruptShardError(RuntimeError):
-    """A shard's bytes do not match the manifest: names the file and the tensor."""
+    """A shard's bytes do not match the manifest: names the file, the tensor, and the command that rewrites it."""
 
 
 def crc32(tensor: torch.Tensor) -> int:
@@ -86,47 +89,48 @@ class PrepareConfig:
 
 
 def prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
-    """Write (or verify) the prepared directory; returns the manifest."""
+    """Write, resume or repair the prepared directory; returns the manifest.
+
+    Shards already there (from the manifest, or the journal of an interrupted run) are
+    checked against their CRC-32 and kept; missing or corrupt ones are written again.
+    """
     config = read_config(cfg.model_dir)
     checkpoint = Checkpoint(cfg.model_dir)
     table = model_class(config.model_type).checkpoint_names
     model_id = fingerprint(checkpoint)
     manifest_path = cfg.out_dir / "manifest.json"
-    if manifest_path.exists():
-        old = json.loads(manifest_path.read_text())
-        if old.get("model") != model_id:
-            raise ValueError(
-                f"{cfg.out_dir} holds shards of another model (fingerprint {old.get('model')}, this one is {model_id}); "
-                "choose an empty directory"
-            )
-        if (old.get("dtype_arg"), old.get("quantize"), old.get("group_size")) != (cfg.dtype, cfg.quantize, cfg.group_size):
-            raise ValueError(
-                f"{cfg.out_dir} was prepared with other options (dtype {old.get('dtype_arg')}, quantize "
-                f"{old.get('quantize')}, group size {old.get('group_size')}); use them, or choose an empty directory"
-            )
-    elif cfg.out_dir.exists() and any(cfg.out_dir.iterdir()) and _unfinished(cfg.out_dir) != model_id:
-        raise ValueError(f"{cfg.out_dir} is not empty and holds no manifest of this model; choose an empty directory")
-    reader = ShardReader(cfg.out_dir) if manifest_path.exists() else None
+    done = _existing_shards(cfg, model_id)
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    if reader is None:  # an interrupted run of the same model may start again here
-        (cfg.out_dir / UNFINISHED).write_text(model_id + "\n")
+    journal = None if manifest_path.exists() else _open_journal(cfg.out_dir, model_id)
 
     (cfg.out_dir / "experts").mkdir(parents=True, exist_ok=True)
-    entries = []
+    entries, rewritten = [], []
     experts = ExpertReader(checkpoint, table)
     counts = {layer: _num_experts(config) for layer in experts.layers}
     keys = [(layer, e) for layer in experts.layers for e in range(counts[layer])]
     for layer, expert in _progress(keys, progress, "experts"):
-        if reader is not None and reader.has(layer, expert):
-            reader.verify(layer, expert)
-            entries += reader.entries(layer, expert)
+        old = done.get((layer, expert))
+        if old is not None and _intact(cfg.out_dir, old):
+            entries += old
             continue
-        entries += _write_expert(cfg, experts, layer, expert)
+        new = _write_expert(cfg, experts, layer, expert)
+        entries += new
+        if old is not None:
+            rewritten.append(new[0]["file"])
+        if journal is not None:
+            journal.write(json.dumps({"key": [layer, expert], "options": _options(cfg), "entries": new}) + "\n")
+            journal.flush()
+    if journal is not None:
+        journal.close()
+    if rewritten and progress:
+        print(f"[specmoe] rewrote {len(rewritten)} shard(s) that did not match the manifest: {', '.join(rewritten)}",
+              file=sys.stderr)
     dense = _write_dense(cfg, checkpoint, table)
     manifest = {
         "format": FORMAT,
         "model": model_id,
         "model_type": config.model_type,
+        "source": str(cfg.model_dir.resolve()),
         "dtype_arg": cfg.dtype,
         "quantize": cfg.quantize,
         "group_size": cfg.group_size,
@@ -134,17 +138,75 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
         "dense": dense,
         "tensors": entries,
     }
-    tmp = manifest_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    tmp.replace(manifest_path)  # the manifest appears whole, and last
+    _write_if_changed(manifest_path, (json.dumps(manifest, indent=1) + "\n").encode())  # whole, and last
     (cfg.out_dir / UNFINISHED).unlink(missing_ok=True)
     return manifest
+
+
+def _options(cfg: PrepareConfig) -> list:
+    return [cfg.dtype, cfg.quantize, cfg.group_size]
+
+
+def _existing_shards(cfg: PrepareConfig, model_id: str) -> dict[tuple[int, int], list[dict]]:
+    """Manifest entries of the shards a finished or interrupted run of this model wrote here."""
+    manifest_path = cfg.out_dir / "manifest.json"
+    if manifest_path.exists():
+        old = _read_json(manifest_path)
+        if old.get("model") != model_id:
+            raise ValueError(
+                f"{cfg.out_dir} holds shards of another model (fingerprint {old.get('model')}, this one is {model_id}); "
+                "choose an empty directory"
+            )
+        if [old.get("dtype_arg"), old.get("quantize"), old.get("group_size")] != _options(cfg):
+            raise ValueError(
+                f"{cfg.out_dir} was prepared with other options (dtype {old.get('dtype_arg')}, quantize "
+                f"{old.get('quantize')}, group size {old.get('group_size')}); use them, or choose an empty directory"
+            )
+        out: dict[tuple[int, int], list[dict]] = {}
+        for entry in old["tensors"]:
+            out.setdefault((entry["layer"], entry["expert"]), []).append(entry)
+        return out
+    if not cfg.out_dir.exists() or not any(cfg.out_dir.iterdir()):
+        return {}
+    if _unfinished(cfg.out_dir) != model_id:
+        raise ValueError(f"{cfg.out_dir} is not empty and holds no manifest of this model; choose an empty directory")
+    out = {}
+    for line in (cfg.out_dir / UNFINISHED).read_text().splitlines()[1:]:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # the line being written when the run was stopped
+            continue
+        if record["options"] == _options(cfg):
+            out[tuple(record["key"])] = record["entries"]
+    return out
+
+
+def _open_journal(out_dir: Path, model_id: str):
+    marker = out_dir / UNFINISHED
+    if _unfinished(out_dir) != model_id:
+        marker.write_text(model_id + "\n")
+    return open(marker, "a")
+
+
+def _intact(root: Path, entries: list[dict]) -> bool:
+    try:
+        read_shard(root, {e["name"]: e for e in entries}, [e["name"] for e in entries])
+        return True
+    except CorruptShardError:
+        return False
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); delete the directory and run `specmoe prepare` again") from None
 
 
 def _unfinished(out_dir: Path) -> str | None:
     """The fingerprint of the model an interrupted ``prepare`` was writing here, if any."""
     marker = out_dir / UNFINISHED
-    return marker.read_text().strip() if marker.exists() else None
+    return marker.read_text().partition("\n")[0].strip() if marker.exists() else None
 
 
 def _num_experts(config) -> int:
@@ -170,7 +232,9 @@ def _write_expert(cfg: PrepareConfig, experts: ExpertReader, layer: int, expert:
             q = quantize(tensors[name], bits, cfg.group_size)
             out[f"{name}.qdata"], out[f"{name}.scales"] = q.data, q.scales
     file = expert_file(layer, expert)
-    save_file(out, cfg.out_dir / file)
+    tmp = cfg.out_dir / (file + ".tmp")
+    save_file(out, tmp)
+    tmp.replace(cfg.out_dir / file)
     return [_entry(layer, expert, name, file, t) for name, t in out.items()]
 
 
@@ -183,18 +247,98 @@ def _entry(layer: int, expert: int, name: str, file: str, t: torch.Tensor) -> di
 def _write_dense(cfg: PrepareConfig, checkpoint: Checkpoint, table) -> dict:
     dense_dir = cfg.out_dir / "dense"
     dense_dir.mkdir(exist_ok=True)
+    files = {}
     for name in SIDE_FILES:
         if (cfg.model_dir / name).exists():
-            shutil.copy(cfg.model_dir / name, dense_dir / name)
+            data = (cfg.model_dir / name).read_bytes()
+            _write_if_changed(dense_dir / name, data)
+            files[name] = zlib.crc32(data)
     tensors = {}
     for name in checkpoint.names():
         param = (match_name(name, table) or (name, None, "whole"))[0]
         if EXPERT_PARAM.match(param):
             continue
         t = checkpoint.read([name])[name]
-        tensors[param] = t.to(DTYPES[cfg.dtype]) if cfg.dtype is not None else t
-    save_file({k: v.contiguous() for k, v in tensors.items()}, dense_dir / "model.safetensors")
-    return {"dir": "dense", "tensors": len(tensors), "nbytes": sum(t.nbytes for t in tensors.values())}
+        tensors[param] = (t.to(DTYPES[cfg.dtype]) if cfg.dtype is not None else t).contiguous()
+    data = save(tensors)
+    _write_if_changed(dense_dir / "model.safetensors", data)
+    files["model.safetensors"] = zlib.crc32(data)
+    return {"dir": "dense", "tensors": len(tensors), "nbytes": sum(t.nbytes for t in tensors.values()), "crc32": files}
+
+
+def _write_if_changed(path: Path, data: bytes) -> bool:
+    """Write ``data`` to ``path`` through a temporary file and a rename, unless it is there already."""
+    if path.exists() and path.stat().st_size == len(data) and _same_bytes(path, memoryview(data)):
+        return False
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+    return True
+
+
+def _same_bytes(path: Path, data: memoryview) -> bool:
+    with open(path, "rb") as f:
+        for start in range(0, len(data), 16 << 20):
+            if f.read(16 << 20) != data[start : start + (16 << 20)]:
+                return False
+    return True
+
+
+def _file_crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(16 << 20):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def read_shard(root: Path, entries: dict[str, dict], names, verify: bool = True, hint: str = "") -> dict[str, torch.Tensor]:
+    """The named tensors of one expert's shard file, checked against their manifest ``entries``."""
+    file = root / next(iter(entries.values()))["file"]
+    out = {}
+    try:
+        with safe_open(file, framework="pt") as f:
+            for name in names:
+                out[name] = f.get_tensor(name)
+    except Exception as err:  # a missing, truncated or unreadable file
+        raise CorruptShardError(f"cannot read {file}: {err}{hint}") from err
+    for name, t in out.items():
+        entry = entries[name]
+        if list(t.shape) != entry["shape"] or (verify and crc32(t) != entry["crc32"]):
+            raise CorruptShardError(
+                f"tensor {name!r} of layer {entry['layer']} expert {entry['expert']} in {file} does not match the manifest{hint}"
+            )
+    return out
+
+
+def prepare_command(manifest: dict, root: Path) -> str:
+    """The ``specmoe prepare`` command that wrote ``root`` (and rewrites what is wrong in it)."""
+    words = ["specmoe", "prepare", manifest.get("source") or "MODEL_DIR", str(root)]
+    if manifest.get("dtype_arg"):
+        words += ["--dtype", manifest["dtype_arg"]]
+    if manifest.get("quantize"):
+        words += ["--quantize", manifest["quantize"]]
+    if manifest.get("group_size", 32) != 32:
+        words += ["--group-size", str(manifest["group_size"])]
+    return shlex.join(words)
+
+
+def verify_prepared(root: str | Path) -> list[str]:
+    """The files of a prepared directory (relative paths) whose bytes do not match its manifest.
+
+    Reads every byte once: the CRC-32 of every expert tensor and of the dense part's files.
+    """
+    reader = ShardReader(root)
+    bad = []
+    for key in reader.keys():
+        entries = reader.entries(*key)
+        if not _intact(reader.root, entries):
+            bad.append(entries[0]["file"])
+    for name, crc in reader.manifest["dense"].get("crc32", {}).items():
+        path = reader.root / "dense" / name
+        if not path.exists() or _file_crc32(path) != crc:
+            bad.append(f"dense/{name}")
+    return bad
 
 
 class ShardReader:
@@ -205,12 +349,15 @@ class ShardReader:
         manifest = self.root / "manifest.json"
         if not manifest.exists():
             raise ValueError(f"{self.root} is not a prepared directory (no manifest.json); run `specmoe prepare` first")
-        self.manifest = json.loads(manifest.read_text())
+        self.manifest = _read_json(manifest)
         if self.manifest.get("format") != FORMAT:
             raise ValueError(f"{manifest} has format {self.manifest.get('format')!r}, expected {FORMAT!r}")
         self.index: dict[tuple[int, int], dict[str, dict]] = {}
         for entry in self.manifest["tensors"]:
+            if not (self.root / entry["file"]).resolve().is_relative_to(self.root.resolve()):
+                raise ValueError(f"{manifest} names a file outside its directory: {entry['file']!r}")
             self.index.setdefault((entry["layer"], entry["expert"]), {})[entry["name"]] = entry
+        self.repair_hint = f"; to rewrite it, run: {prepare_command(self.manifest, self.root)}"
 
     @property
     def model(self) -> str:
@@ -235,20 +382,7 @@ class ShardReader:
         return self.index[(layer, expert)]
 
     def read_tensors(self, layer: int, expert: int, names=EXPERT_TENSORS, verify: bool = True) -> dict[str, torch.Tensor]:
-        entries = self._entries(layer, expert)
-        file = self.root / entries[names[0]]["file"]
-        out = {}
-        try:
-            with safe_open(file, framework="pt") as f:
-                for name in names:
-                    out[name] = f.get_tensor(name)
-        except Exception as err:  # a truncated or unreadable file
-            raise CorruptShardError(f"cannot read {file}: {err}") from err
-        for name, t in out.items():
-            entry = entries[name]
-            if list(t.shape) != entry["shape"] or (verify and crc32(t) != entry["crc32"]):
-                raise CorruptShardError(f"tensor {name!r} of layer {layer} expert {expert} in {file} does not match the manifest")
-        return out
+        return read_shard(self.root, self._entries(layer, expert), names, verify, self.repair_hint)
 
     def read(self, layer: int, expert: int, verify: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         t = self.read_tensors(layer, expert, EXPERT_TENSORS, verify)
