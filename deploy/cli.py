@@ -28,24 +28,37 @@ def add_decoder_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft-policy", choices=DRAFT_POLICIES, default="shadow", help="how specmoe drafts without moving bytes")
     parser.add_argument("--k", default="auto", help="draft tokens per round: an integer or 'auto' (default)")
     parser.add_argument("--k-max", type=int, default=4)
-    parser.add_argument("--cache-budget", default="0.25", help="expert cache: fraction of expert bytes (0.25) or bytes (64MB)")
+    parser.add_argument("--cache-budget", default="25%",
+                        help="expert cache: a fraction of the expert bytes (25%% or 0.25) or a size (64MB, 1.5GiB, 1000000B)")
     parser.add_argument("--profile", default=None, help="routing profile (from `specmoe profile`) whose hottest experts are pinned")
     parser.add_argument("--experts", choices=["local", "ray", "grpc"], default="local",
                         help="where non-resident experts come from: in-process, an ExpertStore over Ray, or over gRPC")
     parser.add_argument("--remote-compute", action="store_true",
                         help="run a missed expert with few tokens on its store (needs --experts grpc)")
+    parser.set_defaults(check=check_decoder_arguments)
+
+
+def check_decoder_arguments(args: argparse.Namespace) -> None:
+    """Refuse flags that would be silently ignored, before anything starts."""
+    if args.mode == "resident" and args.experts != "local":
+        raise ValueError(f"--experts {args.experts} has no effect with --mode resident (every expert is loaded locally); "
+                         "choose --mode ondemand, pregate or specmoe, or leave out --experts")
+    if args.remote_compute and (args.experts != "grpc" or args.mode == "resident"):
+        raise ValueError(f"--remote-compute needs --experts grpc and a mode that fetches experts, "
+                         f"got --experts {args.experts} --mode {args.mode}")
 
 
 def decoder_config(args: argparse.Namespace):
     from specmoe.config import DecoderConfig, parse_budget
 
     k = args.k if args.k == "auto" else _int(args.k, "--k")
+    parse_budget(args.cache_budget, "--cache-budget")  # a bad value is named by its flag
     return DecoderConfig(
         mode=args.mode,
         draft_policy=args.draft_policy,
         k=k,
         k_max=args.k_max,
-        cache_budget=parse_budget(args.cache_budget),
+        cache_budget=args.cache_budget,
         profile=args.profile,
         remote_compute=args.remote_compute,
     )
@@ -187,13 +200,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C: scripts can tell it from a mistake (2)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. User mistakes, unreadable or corrupt files and Ctrl-C end in one line
+    on standard error, never a traceback: exit 2 for an error, 130 for an interrupt."""
     args = build_parser().parse_args(argv)
     try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print(f"specmoe {args.command}: interrupted", file=sys.stderr)
+        return INTERRUPTED
+
+
+def _run(args: argparse.Namespace) -> int:
+    from specmoe.shards import CorruptShardError
+
+    try:
+        if hasattr(args, "check"):
+            args.check(args)
         return args.run(args)
-    except ValueError as err:  # user mistakes: one clear line, no traceback
-        print(f"specmoe {args.command}: error: {err}", file=sys.stderr)
+    except (ValueError, OSError, CorruptShardError) as err:
+        print(f"specmoe {args.command}: error: {_cause(err)}", file=sys.stderr)
         return 2
+
+
+def _cause(err: BaseException) -> str:
+    """The error's own message, without the traceback a Ray worker wraps around it."""
+    cause = getattr(err, "cause", None)
+    return str(cause) if isinstance(cause, BaseException) else str(err)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 
 from specmoe.expert_cache import POLICIES
@@ -23,7 +26,8 @@ class DecoderConfig:
     draft_policy:    resident (draft with resident experts only) | shadow (draft with a low-bit
                      copy of every expert)
     k:               draft tokens per round, an integer in [0, k_max] or "auto" (adaptive)
-    cache_budget:    expert cache size: a fraction (0, 1] of all expert bytes, or bytes (> 1)
+    cache_budget:    expert cache size, the unit in the syntax: a fraction of all expert bytes
+                     (0.25, "25%"; in (0, 1]) or a size ("64MB", "1.5GiB", "1000000B")
     pinned_fraction: share of the budget pinned to the routing profile's hottest experts
     remote_compute:  let a missed expert with few tokens run on its store when moving the
                      activations costs less than moving the weights (results are identical)
@@ -33,7 +37,7 @@ class DecoderConfig:
     draft_policy: str = "shadow"
     k: int | str = "auto"
     k_max: int = 4
-    cache_budget: float | int = 0.25
+    cache_budget: float | str = 0.25
     pinned_fraction: float = 0.5
     eviction: str = "lfu"  # measured against LRU in bench/modes.py: higher hit rate
     shadow_bits: int = 4
@@ -50,10 +54,7 @@ class DecoderConfig:
             raise ValueError(f"k_max must be >= 0, got {self.k_max}")
         if self.k != "auto" and not (isinstance(self.k, int) and 0 <= self.k <= self.k_max):
             raise ValueError(f"k must be an integer in [0, k_max={self.k_max}] or 'auto', got {self.k!r}")
-        if not (0 < self.cache_budget <= 1 or (isinstance(self.cache_budget, int) and self.cache_budget > 1)):
-            raise ValueError(
-                f"cache_budget must be a fraction in (0, 1] of the expert bytes or a byte count > 1, got {self.cache_budget!r}"
-            )
+        parse_budget(self.cache_budget, "cache_budget")
         if not 0 <= self.pinned_fraction <= 1:
             raise ValueError(f"pinned_fraction must be in [0, 1], got {self.pinned_fraction}")
         if self.eviction not in POLICIES:
@@ -66,20 +67,49 @@ class DecoderConfig:
         return self.mode == "specmoe"
 
     def budget_bytes(self, expert_bytes: int) -> int:
-        if isinstance(self.cache_budget, int) and self.cache_budget > 1:
-            return self.cache_budget
-        return int(self.cache_budget * expert_bytes)
+        return parse_budget(self.cache_budget, "cache_budget").bytes_of(expert_bytes)
 
 
-def parse_budget(text: str) -> float | int:
-    """``0.25`` -> a fraction; ``64MB``, ``1.5GiB``, ``1000000`` -> bytes."""
-    units = {"kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30, "b": 1}
-    t = text.strip().lower()
-    for unit, scale in sorted(units.items(), key=lambda u: -len(u[0])):
-        if t.endswith(unit):
-            return int(float(t[: -len(unit)]) * scale)
-    value = float(t)
-    return value if value <= 1 else int(value)
+SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+              "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+BUDGET_FORMS = "a fraction of the expert bytes (25% or 0.25, at most 1) or a size with its unit (64MB, 1.5GiB, 1000000B)"
+BUDGET_SYNTAX = re.compile(r"(?P<number>\d+(?:\.\d*)?|\.\d+)\s*(?P<unit>%|[kmgt]i?b|b)?", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class CacheBudget:
+    """An expert cache size: a fraction of all expert bytes, or a number of bytes (exactly one is set)."""
+
+    fraction: float | None = None
+    nbytes: int | None = None
+
+    def bytes_of(self, expert_bytes: int) -> int:
+        return self.nbytes if self.nbytes is not None else int(self.fraction * expert_bytes)
+
+
+def parse_budget(value: str | float, name: str = "--cache-budget") -> CacheBudget:
+    """``25%``, ``0.25`` -> a fraction in (0, 1]; ``64MB``, ``1.5GiB``, ``1000000B`` -> bytes.
+
+    The unit is in the syntax, never guessed from the size of the number: a bare number
+    above 1 (``2``, ``1.5``) is refused, as are ``inf``, ``nan`` and negative values.
+    ``name`` (the flag or field) is named in the error.
+    """
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number, unit = Decimal(repr(float(value))) if math.isfinite(value) else Decimal(0), ""
+    elif isinstance(value, str) and (m := BUDGET_SYNTAX.fullmatch(value.strip())):
+        number, unit = Decimal(m["number"]), (m["unit"] or "").lower()
+    else:
+        raise ValueError(f"{name} must be {BUDGET_FORMS}, got {value!r}")
+    if unit in ("", "%"):
+        fraction = number / 100 if unit == "%" else number
+        if not 0 < fraction <= 1:
+            hint = "; a size needs its unit, for example 64MB" if unit == "" and fraction > 1 else ""
+            raise ValueError(f"{name} must be {BUDGET_FORMS}, got {value!r}{hint}")
+        return CacheBudget(fraction=float(fraction))
+    nbytes = number * SIZE_UNITS[unit]
+    if nbytes < 1 or nbytes != int(nbytes):
+        raise ValueError(f"{name} must be {BUDGET_FORMS}, got {value!r}: a size is a whole number of bytes, at least 1")
+    return CacheBudget(nbytes=int(nbytes))
 
 
 @dataclass
