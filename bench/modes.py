@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.common import command_line, machine_info, repo_relative  # noqa: E402
-from specmoe.config import DecoderConfig, EngineConfig  # noqa: E402
+from specmoe.config import DecoderConfig, EngineConfig, parse_budget  # noqa: E402
 from specmoe.engine import Engine  # noqa: E402
 from specmoe.metrics import summarize  # noqa: E402
 from specmoe.profile import calibration_prompts, record_profile  # noqa: E402
@@ -215,6 +215,17 @@ def plots(report: dict, stem: Path) -> None:
         plt.close(fig)
 
 
+def budget_fraction(text: str) -> float:
+    """``--cache-budget``: the reports state the budget as a share of the expert bytes, so only a fraction is taken."""
+    try:
+        budget = parse_budget(text, "the budget")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    if budget.fraction is None:
+        raise argparse.ArgumentTypeError(f"a fraction of the expert bytes (25% or 0.25) is needed here, got {text!r}")
+    return budget.fraction
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(REPO / "models" / "shakespeare-tiny-moe"))
@@ -222,7 +233,8 @@ def main(argv=None) -> int:
     parser.add_argument("--experts", nargs="+", choices=["local", "ray", "grpc"], default=["ray", "grpc"])
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=48)
-    parser.add_argument("--cache-budget", type=float, default=0.25)
+    parser.add_argument("--cache-budget", type=budget_fraction, default=0.25,
+                        help="expert cache as a fraction of the expert bytes: 25%% or 0.25")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--repeats", type=int, default=2, help="runs per mode; the fastest is reported")
     parser.add_argument("--out", default=str(REPO / "bench" / "results"))

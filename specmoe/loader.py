@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from specmoe.models import model_class
-from specmoe.weights import Checkpoint, CheckpointError, load_weights
+from specmoe.weights import Checkpoint, CheckpointError, load_weights, read_json
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -32,7 +31,7 @@ def read_config(model_dir: str | Path):
     config_file = path / "config.json"
     if not config_file.exists():
         raise CheckpointError(f"{str(path)!r} has no config.json")
-    model_type = json.loads(config_file.read_text()).get("model_type")
+    model_type = read_json(config_file).get("model_type")
     model_class(model_type)  # raises, listing the supported families
     from transformers import AutoConfig
 

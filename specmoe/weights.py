@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 # Where a checkpoint tensor lands in its parameter:
@@ -46,6 +46,23 @@ class WeightName:
         return re.compile(regex + "$")
 
 
+def read_json(path: Path):
+    """A JSON file's content; a file that is not valid JSON is named in the error."""
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{str(path)!r} is not valid JSON: {err}") from None
+
+
+def header_names(file: Path) -> list[str]:
+    """The tensor names in a safetensors file, after safetensors checked that its data is whole."""
+    try:
+        with safe_open(file, framework="pt") as f:
+            return list(f.keys())
+    except SafetensorError as err:
+        raise CheckpointError(f"{str(file)!r} is not a readable safetensors file (truncated or corrupt?): {err}") from None
+
+
 class Checkpoint:
     """The tensors of a local checkpoint directory, single-file or sharded, read lazily."""
 
@@ -56,11 +73,10 @@ class Checkpoint:
         index = self.dir / "model.safetensors.index.json"
         single = self.dir / "model.safetensors"
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = read_json(index)["weight_map"]
             self.files = {name: self.dir / file for name, file in weight_map.items()}
         elif single.exists():
-            with safe_open(single, framework="pt") as f:
-                self.files = {name: single for name in f.keys()}
+            self.files = {name: single for name in header_names(single)}
         else:
             raise CheckpointError(
                 f"no weights in {str(self.dir)!r}: expected model.safetensors or model.safetensors.index.json"
@@ -68,6 +84,8 @@ class Checkpoint:
         for file in set(self.files.values()):
             if not file.exists():
                 raise CheckpointError(f"checkpoint shard {file.name!r} listed in the index is missing")
+            if index.exists():
+                header_names(file)  # a truncated shard fails here, named, not halfway through loading
 
     def names(self) -> list[str]:
         return list(self.files)
