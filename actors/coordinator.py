@@ -57,6 +57,7 @@ import msgpack
 from ray.exceptions import RayActorError
 
 from actors.decoder import DecoderDead, DecoderRoundError
+from actors.telemetry import CoordinatorTelemetry
 from specmoe.detokenizer import IncrementalDetokenizer
 from specmoe.sampling import SamplingParams
 
@@ -325,6 +326,7 @@ class Coordinator:
         self.requests: dict[str, Request] = {}
         self.queue: deque[Request] = deque()
         self.counts = {"submitted": 0, "finished": 0, "aborted": 0, "failed": 0, "readmitted": 0, "rejected": 0}
+        self.telemetry = CoordinatorTelemetry()  # Prometheus metrics (a no-op outside Ray)
         self.incarnation = 0
         self._keys = itertools.count()
         self._progress: asyncio.Event | None = None
@@ -346,6 +348,7 @@ class Coordinator:
         prompt_ids = self.encode(prompt)
         if len(self.queue) >= self.spec.max_queue:
             self.counts["rejected"] += 1
+            self.telemetry.rejected()
             raise Overloaded(f"the admission queue is full ({len(self.queue)} of max_queue={self.spec.max_queue} waiting)")
         self.journal.append({"op": "submit", "id": request_id, "prompt": prompt_ids, "params": params.to_dict()})
         request = self._new_request(request_id, prompt_ids, params)
@@ -447,6 +450,7 @@ class Coordinator:
             d.held[request.key] = request
             d.to_add.append(request)
             self._wake(d)
+        self.telemetry.queue(len(self.queue), sum(len(d.held) for d in self.decoders))
 
     def _wake(self, d: DecoderSlot) -> None:
         if d.live and (d.held or d.to_abort) and (d.task is None or d.task.done()):
@@ -513,6 +517,7 @@ class Coordinator:
             request.rounds += 1
             request.drafted += out.drafted
             request.accepted += out.accepted
+            self.telemetry.round(len(tokens), out.drafted, out.accepted)
             if tokens and request.first_token_at is None:
                 request.first_token_at = time.monotonic()
             records.append({"op": "commit", "id": request.id, "tokens": tokens, "drafted": out.drafted, "accepted": out.accepted})
@@ -564,6 +569,7 @@ class Coordinator:
         request.finish_reason, request.error = reason, error
         request.finished_at = time.monotonic()
         self.counts[{"abort": "aborted", "error": "failed"}.get(reason, "finished")] += 1
+        self.telemetry.finished(reason, request.metrics())
         self.journal.append({"op": "finish", "id": request.id, "reason": reason, "error": error})
         if self.journal.records > self.journal.compact_every:
             self._compact()
