@@ -399,6 +399,16 @@ class Coordinator:
             ],
         }
 
+    async def decoder_metrics(self) -> list[dict | None]:
+        """Each decoder's own ``metrics()`` (None for one that does not answer)."""
+        async def one(d: DecoderSlot):
+            try:
+                return await _call(d.handle.metrics)
+            except Exception:  # noqa: BLE001 - a report, not a round: a dead decoder reports nothing
+                return None
+
+        return list(await asyncio.gather(*(one(d) for d in self.decoders)))
+
     async def health(self) -> dict:
         self._start()
         return {"alive": True, "live_decoders": sum(d.live for d in self.decoders), "queued": len(self.queue)}

@@ -95,33 +95,51 @@ def run_generate(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         seed=args.seed,
     )
+    if args.experts != "local":
+        return generate_on_cluster(args, params)
     config = EngineConfig(model=args.model, dtype=args.dtype, max_batch_size=1, decoder=decoder_config(args))
     started = time.perf_counter()
-    with expert_source(args, config) as fetch:
-        engine = Engine(config, fetch=fetch)
-        loaded = time.perf_counter()
-        detok = IncrementalDetokenizer(engine.tokenizer)
-        n = 0
-        for token_ids in engine.stream(args.prompt, params):
-            n += len(token_ids)
-            sys.stdout.write(detok.push(token_ids))
-            sys.stdout.flush()
-        sys.stdout.write(detok.flush() + "\n")
-        wall = time.perf_counter() - loaded
+    engine = Engine(config)
+    loaded = time.perf_counter()
+    detok = IncrementalDetokenizer(engine.tokenizer)
+    n = 0
+    for token_ids in engine.stream(args.prompt, params):
+        n += len(token_ids)
+        sys.stdout.write(detok.push(token_ids))
+        sys.stdout.flush()
+    sys.stdout.write(detok.flush() + "\n")
+    wall = time.perf_counter() - loaded
     print(f"[specmoe] model loaded in {loaded - started:.2f}s", file=sys.stderr)
     print_metrics(summarize(engine, n, wall))
     return 0
 
 
-def expert_source(args: argparse.Namespace, config):
-    """A context giving the fetch function for ``--experts`` (None: read in-process)."""
-    import contextlib
+def generate_on_cluster(args: argparse.Namespace, params) -> int:
+    """``--experts ray|grpc``: the service path. ``connect()`` starts a local multi-node cluster
+    and the deployment (an ExpertStore on a store node, a Decoder actor on a decoder node, the
+    Coordinator); the prompt streams back through the coordinator."""
+    from cluster.deployment import DecodersSpec, DeploymentSpec, ModelSpec, TransportSpec
+    from deploy.client import connect
 
-    if args.experts == "local" or config.decoder.mode == "resident":
-        return contextlib.nullcontext(None)
-    from cluster.sources import remote_experts
-
-    return remote_experts(config.model, args.experts)
+    spec = DeploymentSpec(
+        model=ModelSpec(path=args.model, dtype=args.dtype),
+        transport=TransportSpec(kind=args.experts),
+        decoders=DecodersSpec(count=1, config=decoder_config(args)),
+    )
+    started = time.perf_counter()
+    with connect(spec=spec) as client:
+        loaded = time.perf_counter()
+        last = None
+        for piece in client.stream(args.prompt, params):
+            sys.stdout.write(piece.text)
+            sys.stdout.flush()
+            last = piece
+        sys.stdout.write("\n")
+        decoder = next((m for m in client.decoder_metrics() if m), {})
+    print(f"[specmoe] cluster and deployment up in {loaded - started:.2f}s", file=sys.stderr)
+    transport = decoder.pop("transport", {})
+    print_metrics(last.metrics | decoder | {f"transport_{k}": v for k, v in transport.items()})
+    return 0
 
 
 def print_metrics(metrics: dict) -> None:
