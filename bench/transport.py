@@ -170,10 +170,9 @@ def bench_size(cfg: BenchConfig, expert_kb: int, raw, tmp: Path) -> dict:
     import grpc
     import ray
 
-    from cluster.sources import start_stores
+    from cluster.deployment import DecodersSpec, DeploymentSpec, ModelSpec, StoreSpec, TransportSpec, build_deployment
     from actors.grpc_source import GrpcConfig
     from specmoe.expert_source import LocalSource
-    from actors.grpc_service import ServerConfig
     from specmoe.shards import PrepareConfig, prepare
 
     hidden, inter = expert_shape(expert_kb * KB)
@@ -185,7 +184,12 @@ def bench_size(cfg: BenchConfig, expert_kb: int, raw, tmp: Path) -> dict:
     experts = list(range(cfg.experts))
 
     chunk = cfg.chunk_kb * KB
-    stores = start_stores(shards, num_stores=1, grpc=ServerConfig(chunk_bytes=chunk))
+    deployment = build_deployment(DeploymentSpec(
+        name=f"bench-transport-{expert_kb}", model=ModelSpec(path=str(model), shards=str(shards)),
+        stores=StoreSpec(count=1, max_restarts=0), transport=TransportSpec(kind="grpc", chunk_bytes=chunk),
+        decoders=DecodersSpec(count=0),
+    ))
+    stores = deployment.stores
     store = stores.handles[0]
     ray.get(raw.set_tensors.remote(sizes))
     raw_stream = grpc.insecure_channel(ray.get(raw.address.remote()), options=[
@@ -225,7 +229,7 @@ def bench_size(cfg: BenchConfig, expert_kb: int, raw, tmp: Path) -> dict:
     metrics = {name: source.metrics.snapshot() for name, source in sources.items()}
     for source in sources.values():
         source.close()
-    ray.kill(store)
+    deployment.shutdown()
     shutil.rmtree(model)
     shutil.rmtree(shards)
     return {

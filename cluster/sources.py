@@ -1,9 +1,9 @@
-"""Expert stores for a prepared model, and the sources a decoder fetches through.
+"""Prepared shards on first use, and experts for one command or benchmark run.
 
-``start_stores`` plans placement and starts one ``ExpertStore`` per store node;
-``remote_experts(model, transport)`` does everything for one command or benchmark run:
-prepares shards (cached by model fingerprint), starts a local multi-node cluster with a
-store node, and yields a fetch function over ``ray`` or ``grpc`` (or in-process ``local``).
+``prepared_dir(model)`` prepares a model's shards once (cached by model fingerprint);
+``remote_experts(model, transport)`` starts a local multi-node cluster with one store node,
+brings up the stores with ``build_deployment`` and yields a source over ``ray`` or
+``grpc`` (or the in-process ``local`` reader).
 """
 
 from __future__ import annotations
@@ -11,51 +11,11 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-from cluster.placement import Placement, plan_placement
-from specmoe.shards import EXPERT_TENSORS, PrepareConfig, ShardReader, fingerprint, prepare
+from specmoe.shards import PrepareConfig, fingerprint, prepare
 
 TRANSPORTS = ("local", "ray", "grpc")
-
-
-@dataclass
-class StoreSet:
-    handles: list
-    placement: Placement
-    grpc_addresses: list[str | None]
-
-    def ray_source(self, verify: bool = True):
-        from actors.ray_source import RaySource
-
-        return RaySource(self.handles, self.placement.owners, verify=verify)
-
-    def grpc_source(self, cfg=None, verify: bool = True):
-        from actors.grpc_source import GrpcSource
-
-        if None in self.grpc_addresses:
-            raise ValueError("these stores were started without gRPC")
-        return GrpcSource(self.grpc_addresses, cfg, verify=verify, owners=self.placement.owners)
-
-
-def expert_sizes(shard_dir) -> dict[tuple[int, int], int]:
-    reader = ShardReader(shard_dir)
-    return {key: sum(e["nbytes"] for e in reader.entries(*key) if e["name"] in EXPERT_TENSORS) for key in reader.keys()}
-
-
-def start_stores(shard_dir, num_stores: int = 1, replication: int = 1, grpc=None, max_restarts: int = 0,
-                 verify: bool = True) -> StoreSet:
-    """Start ``num_stores`` ExpertStore actors (one per store node) holding a placement of the shards."""
-    import ray
-
-    from actors.expert_store import store_actor
-
-    placement = plan_placement(expert_sizes(shard_dir), num_stores, replication)
-    actor = store_actor(max_restarts)
-    handles = [actor.remote(str(shard_dir), sorted(keys), grpc, verify) for keys in placement.stores]
-    ray.get([h.health.remote() for h in handles])  # raises here if a store failed to start
-    return StoreSet(handles, placement, ray.get([h.grpc_address.remote() for h in handles]))
 
 
 def prepared_dir(model_dir) -> Path:
@@ -95,14 +55,16 @@ def remote_experts(model_dir, transport: str, verify: bool = False) -> Iterator:
 
         yield checkpoint_fetcher(model_dir)
         return
+    from cluster.deployment import DecodersSpec, DeploymentSpec, ModelSpec, TransportSpec, build_deployment
     from cluster.local import ClusterSpec, LocalCluster
-    from actors.grpc_service import ServerConfig
 
-    shards = prepared_dir(model_dir)
+    spec = DeploymentSpec(name="experts", model=ModelSpec(path=str(model_dir)), decoders=DecodersSpec(count=0),
+                          transport=TransportSpec(kind=transport, verify=verify))
     with LocalCluster(ClusterSpec(stores=1, decoders=0, object_store_mb=512)):
-        stores = start_stores(shards, grpc=ServerConfig() if transport == "grpc" else None, verify=True)
-        source = stores.ray_source(verify) if transport == "ray" else stores.grpc_source(verify=verify)
+        deployment = build_deployment(spec)
+        source = deployment.source()
         try:
             yield source
         finally:
             source.close()
+            deployment.shutdown()

@@ -14,13 +14,12 @@ import torch
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
 from conftest import corrupt_copy
+from cluster.deployment import DecodersSpec, DeploymentSpec, ModelSpec, StoreSpec, TransportSpec, build_deployment
 from cluster.local import ClusterSpec, LocalCluster
-from cluster.sources import start_stores
 from actors.decoder import decoder_actor
 from actors.expert_store import store_actor
 from specmoe.config import DecoderConfig, EngineConfig
 from specmoe.expert_source import ExpertUnavailableError
-from actors.grpc_service import ServerConfig
 from specmoe.models import model_class
 from specmoe.sampling import SamplingParams
 from specmoe.shards import PrepareConfig, prepare
@@ -48,13 +47,20 @@ def expected(shipped_model):
     return {(layer, e): reader.read(layer, e) for layer in reader.layers for e in range(8)}
 
 
+def deploy_stores(model, shards, name: str, count: int, replication: int = 1, max_restarts: int = 0, kind: str = "ray"):
+    """Stores only (no decoders), through the one builder."""
+    return build_deployment(DeploymentSpec(
+        name=name, model=ModelSpec(path=str(model), shards=str(shards)), transport=TransportSpec(kind=kind),
+        stores=StoreSpec(count=count, replication=replication, max_restarts=max_restarts), decoders=DecodersSpec(count=0),
+    ))
+
+
 @pytest.fixture(scope="class")
-def stores(cluster, shards):
+def stores(cluster, shipped_model, shards):
     """One store per store node (each holds its node's ``expert_store`` resource until killed)."""
-    s = start_stores(shards, num_stores=2, replication=1, grpc=ServerConfig())
-    yield s
-    for h in s.handles:
-        ray.kill(h)
+    deployment = deploy_stores(shipped_model, shards, "serving", count=2, kind="grpc")
+    yield deployment.stores
+    deployment.shutdown()
 
 
 class TestServing:
@@ -94,10 +100,10 @@ def _decoder_on_another_node(cluster, stores, shipped_model):
     ray.kill(resident)  # the decoder node runs one decoder at a time
     for decoder, grpc in [(DecoderConfig(mode="specmoe", k=3), False), (DecoderConfig(mode="ondemand"), True)]:
         actor = decoder_actor().remote(
-            EngineConfig(model=shipped_model, max_batch_size=2, decoder=decoder), stores.handles, stores.placement.owners,
-            stores.grpc_addresses if grpc else None,
+            EngineConfig(model=shipped_model, max_batch_size=2, decoder=decoder),
+            stores.source_spec(TransportSpec(kind="grpc" if grpc else "ray")),
         )
-        assert ray.get(actor.node_id.remote()) == cluster.decoder_nodes[0].node_id
+        assert ray.get(actor.health.remote())["node_id"] == cluster.decoder_nodes[0].node_id
         assert ray.get(actor.generate.remote(prompts, params)) == want
         assert ray.get(actor.metrics.remote())["transport"]["bytes"] > 0
         ray.kill(actor)
@@ -111,8 +117,9 @@ def test_a_corrupt_shard_stops_the_store_from_starting(cluster, shards, tmp_path
         ray.get(store.health.remote())
 
 
-def test_a_killed_store_fails_over_to_its_replica(cluster, shards, expected):
-    stores = start_stores(shards, num_stores=2, replication=2)
+def test_a_killed_store_fails_over_to_its_replica(cluster, shipped_model, shards, expected):
+    deployment = deploy_stores(shipped_model, shards, "failover", count=2, replication=2)
+    stores = deployment.stores
     source = stores.ray_source()
     assert source.fetch(1, [0, 5])[5].result()[0].shape == (512, 128)  # references cached
     ray.kill(stores.handles[0], no_restart=True)
@@ -120,7 +127,7 @@ def test_a_killed_store_fails_over_to_its_replica(cluster, shards, expected):
         got = source.fetch(layer, list(range(8)))
         assert all(torch.equal(got[e].result()[1], expected[(layer, e)][1]) for e in range(8))
     assert source.metrics.failovers >= 1
-    ray.kill(stores.handles[1])
+    deployment.shutdown()
 
 
 def wait_until_restarted(handle, old_pid: int, timeout_s: float = 60.0) -> bool:
@@ -137,8 +144,9 @@ def wait_until_restarted(handle, old_pid: int, timeout_s: float = 60.0) -> bool:
     return False
 
 
-def test_without_a_replica_a_clear_error_then_success_after_restart(cluster, shards, expected):
-    stores = start_stores(shards, num_stores=1, replication=1, max_restarts=1)
+def test_without_a_replica_a_clear_error_then_success_after_restart(cluster, shipped_model, shards, expected):
+    deployment = deploy_stores(shipped_model, shards, "restart", count=1, max_restarts=1)
+    stores = deployment.stores
     source = stores.ray_source()
     source.fetch(0, [3])[3].result()  # caches the references of layer 0's experts
     old_pid = ray.get(stores.handles[0].health.remote())["pid"]
@@ -148,4 +156,4 @@ def test_without_a_replica_a_clear_error_then_success_after_restart(cluster, sha
         source.fetch(0, [4])[4].result()  # the cached references died with the old process
     source.refresh()
     assert torch.equal(source.fetch(0, [4])[4].result()[0], expected[(0, 4)][0])
-    ray.kill(stores.handles[0], no_restart=True)
+    deployment.shutdown()
