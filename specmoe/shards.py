@@ -20,6 +20,7 @@ when it differs. A directory prepared from another model is never overwritten.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import shlex
@@ -101,30 +102,12 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
     manifest_path = cfg.out_dir / "manifest.json"
     done = _existing_shards(cfg, model_id)
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    journal = None if manifest_path.exists() else _open_journal(cfg.out_dir, model_id)
-
-    (cfg.out_dir / "experts").mkdir(parents=True, exist_ok=True)
-    entries, rewritten = [], []
+    (cfg.out_dir / "experts").mkdir(exist_ok=True)
     experts = ExpertReader(checkpoint, table)
     counts = {layer: _num_experts(config) for layer in experts.layers}
     keys = [(layer, e) for layer in experts.layers for e in range(counts[layer])]
-    for layer, expert in _progress(keys, progress, "experts"):
-        old = done.get((layer, expert))
-        if old is not None and _intact(cfg.out_dir, old):
-            entries += old
-            continue
-        new = _write_expert(cfg, experts, layer, expert)
-        entries += new
-        if old is not None:
-            rewritten.append(new[0]["file"])
-        if journal is not None:
-            journal.write(json.dumps({"key": [layer, expert], "options": _options(cfg), "entries": new}) + "\n")
-            journal.flush()
-    if journal is not None:
-        journal.close()
-    if rewritten and progress:
-        print(f"[specmoe] rewrote {len(rewritten)} shard(s) that did not match the manifest: {', '.join(rewritten)}",
-              file=sys.stderr)
+    with contextlib.nullcontext() if manifest_path.exists() else _open_journal(cfg.out_dir, model_id) as journal:
+        entries = _write_experts(cfg, experts, _progress(keys, progress, "experts"), done, journal, progress)
     dense = _write_dense(cfg, checkpoint, table)
     manifest = {
         "format": FORMAT,
@@ -141,6 +124,27 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
     _write_if_changed(manifest_path, (json.dumps(manifest, indent=1) + "\n").encode())  # whole, and last
     (cfg.out_dir / UNFINISHED).unlink(missing_ok=True)
     return manifest
+
+
+def _write_experts(cfg: PrepareConfig, experts: ExpertReader, keys, done: dict, journal, progress: bool) -> list[dict]:
+    """Keep each expert's shard that is already there and intact; write the others (and journal them)."""
+    entries, rewritten = [], []
+    for layer, expert in keys:
+        old = done.get((layer, expert))
+        if old is not None and _intact(cfg.out_dir, old):
+            entries += old
+            continue
+        new = _write_expert(cfg, experts, layer, expert)
+        entries += new
+        if old is not None:
+            rewritten.append(new[0]["file"])
+        if journal is not None:
+            journal.write(json.dumps({"key": [layer, expert], "options": _options(cfg), "entries": new}) + "\n")
+            journal.flush()
+    if rewritten and progress:
+        print(f"[specmoe] rewrote {len(rewritten)} shard(s) that did not match the manifest: {', '.join(rewritten)}",
+              file=sys.stderr)
+    return entries
 
 
 def _options(cfg: PrepareConfig) -> list:
