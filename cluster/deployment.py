@@ -416,8 +416,17 @@ def build_deployment(spec: DeploymentSpec) -> Deployment:
 
         shards = prepared_dir(spec.model.path)
     stores = _stores(spec, shards)
-    decoders = [_decoder(spec, i, stores) for i in range(spec.decoders.count)]
-    ray.get([d.health.remote() for d in decoders])  # raises here if a decoder failed to start
+    decoders, started = [], []
+    for i in range(spec.decoders.count):
+        handle, new = _decoder(spec, i, stores)
+        decoders.append(handle)
+        started += [handle] if new else []
+    try:
+        ray.get([d.health.remote() for d in decoders])  # raises here if a decoder failed to start
+    except BaseException:
+        for handle in started:  # the stores stay up: a corrected spec attaches to them
+            ray.kill(handle, no_restart=True)
+        raise
     coordinator = _coordinator(spec, decoders) if decoders else None
     return Deployment(spec, stores, decoders, coordinator)
 
@@ -496,12 +505,12 @@ def _decoder(spec: DeploymentSpec, i: int, stores: StoreSet):
         if running != config:
             raise ValueError(f"decoder {name!r} runs another configuration than this spec's; shut that deployment "
                              "down or give this one another name")
-        return handle
+        return handle, False
     d = spec.decoders
     source = None if config.decoder.mode == "resident" else stores.source_spec(spec.transport)
     options = dict(name=name, namespace=spec.namespace, lifetime="detached", num_gpus=d.num_gpus,
                    resources=dict(d.resources), num_cpus=0 if d.resources or d.num_gpus else 1)
-    return decoder_actor(**options).remote(config, source)
+    return decoder_actor(**options).remote(config, source), True
 
 
 def _coordinator(spec: DeploymentSpec, decoders: list):

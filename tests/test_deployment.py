@@ -238,3 +238,42 @@ def _wait_until_exited(pid: int, timeout_s: float = 30.0) -> None:
             return
         time.sleep(0.05)
     raise AssertionError(f"store process {pid} did not exit")
+
+
+@pytest.mark.cluster
+def test_token_and_tls_reach_the_stores_and_the_decoders_source(shared, shipped_model, resident, tmp_path):
+    import subprocess
+
+    import grpc
+    import ray
+
+    from actors.grpc_source import GrpcConfig, GrpcSource
+
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1",
+         "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )
+    spec = DeploymentSpec(
+        name="tls", namespace="tests", model=ModelSpec(path=str(shipped_model)),
+        stores=StoreSpec(count=1, resources={"expert_store": 0.5}, max_restarts=0),
+        transport=TransportSpec(kind="grpc", token="s3cret", tls_cert=str(cert), tls_key=str(key), server_name="localhost"),
+        decoders=DecodersSpec(count=1, resources={"decoder": 0.5}, max_batch_size=4, config=SPECMOE),
+        coordinator=CoordinatorSpec(max_batch_per_decoder=4, journal=str(tmp_path / "tls.journal")),
+    )
+    deployment = build_deployment(spec)
+    try:
+        assert ray.get(deployment.decoders[0].generate.remote(PROMPTS, PARAMS)) == resident
+        assert ray.get(deployment.decoders[0].metrics.remote())["transport"]["bytes"] > 0
+        source = deployment.source()  # the driver's source gets the same token and certificate
+        assert source.fetch(0, [1])[1].result()[0].shape == (512, 128)
+        source.close()
+        address = deployment.stores.grpc_addresses[0]
+        tls_only = GrpcConfig(root_cert=cert.read_bytes(), server_name="localhost")
+        intruder = GrpcSource([address], tls_only, owners=deployment.stores.placement.owners)
+        with pytest.raises(grpc.RpcError, match="UNAUTHENTICATED"):  # TLS but no token: refused
+            intruder.fetch(0, [1])[1].result()
+        intruder.close()
+    finally:
+        deployment.shutdown()
