@@ -140,7 +140,7 @@ class Decoder:
         self.engine = Engine(config, fetch=self._current)
         self.alive, self.cause = True, None
         self.generated_tokens, self.busy_s = 0, 0.0
-        self.failed_rounds, self.refreshes = 0, 0
+        self.failed_rounds, self.refreshes, self.refresh_error = 0, 0, None
         self.telemetry = DecoderTelemetry()  # Prometheus metrics (a no-op outside Ray)
 
     # -- requests ---------------------------------------------------------------------------
@@ -199,8 +199,10 @@ class Decoder:
         metrics = self.source.metrics
         try:
             fresh = self.source_spec.build()
-        except store_failures():
-            return  # the stores are not back yet; the next try builds again
+        except Exception as err:  # the stores are not back yet: the next try builds again
+            self.refresh_error = f"{type(err).__name__}: {err}"
+            return
+        self.refresh_error = None
         self.source.close()
         fresh.metrics = metrics
         self.source = self._current.source = fresh
@@ -233,6 +235,7 @@ class Decoder:
         return {
             "alive": self.alive,
             "cause": self.cause,
+            "refresh_error": self.refresh_error,
             "running": len(self.engine.running),
             "waiting": len(self.engine.waiting),
             "mode": self.config.decoder.mode,
