@@ -199,12 +199,27 @@ def run_cluster(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--spec", default=None,
+                        help="deployment spec, YAML or JSON (default: the shipped model in specmoe mode, one store, one decoder)")
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port on 127.0.0.1 (default 8000)")
+    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes (default: open)")
+    parser.add_argument("--model-name", default=None, help="the served model id (default: the model directory's name)")
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from deploy.serve.app import serve_locally
+
+    return serve_locally(args.spec, args.port, args.api_key, args.model_name)
+
+
 Command = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 COMMANDS: list[Command] = [
     ("generate", "generate text from a prompt (streams to stdout)", add_generate_arguments, run_generate),
     ("profile", "record how often each expert is routed to on calibration text", add_profile_arguments, run_profile),
     ("prepare", "split a checkpoint into a dense part and per-expert shards with a manifest", add_prepare_arguments, run_prepare),
     ("cluster", "start or stop a local multi-node Ray cluster (head, store nodes, decoder nodes)", add_cluster_arguments, run_cluster),
+    ("serve", "serve the OpenAI API over a local multi-node cluster until Ctrl-C", add_serve_arguments, run_serve),
 ]
 
 
