@@ -235,17 +235,18 @@ class DeploymentSpec:
             text = path.read_text(encoding="utf-8")
         except OSError as err:
             raise ValueError(f"deployment spec {str(path)!r}: cannot read it ({err.strerror})") from None
-        try:
-            if path.suffix == ".json":
+        if path.suffix == ".json":
+            try:
                 data = json.loads(text)
-            else:
-                import yaml
+            except json.JSONDecodeError as err:
+                raise ValueError(f"deployment spec {str(path)!r} is not valid JSON: {err}") from None
+        else:
+            import yaml
 
+            try:
                 data = yaml.safe_load(text)
-        except ValueError as err:  # json.JSONDecodeError
-            raise ValueError(f"deployment spec {str(path)!r} is not valid JSON: {err}") from None
-        except Exception as err:  # yaml.YAMLError
-            raise ValueError(f"deployment spec {str(path)!r} is not valid YAML: {err}") from None
+            except yaml.YAMLError as err:
+                raise ValueError(f"deployment spec {str(path)!r} is not valid YAML: {err}") from None
         try:
             return cls.from_dict(data if data is not None else {})
         except ValueError as err:
