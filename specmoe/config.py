@@ -10,6 +10,7 @@ from pathlib import Path
 
 from specmoe.expert_cache import POLICIES
 from specmoe.loader import parse_dtype
+from specmoe.quant import check_group_size
 
 SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "models" / "shakespeare-tiny-moe"
 MODES = ("resident", "ondemand", "pregate", "specmoe")
@@ -61,6 +62,7 @@ class DecoderConfig:
             raise ValueError(f"unknown eviction policy {self.eviction!r}; allowed: {', '.join(POLICIES)}")
         if self.shadow_bits not in (4, 8):
             raise ValueError(f"shadow_bits must be 4 or 8, got {self.shadow_bits}")
+        check_group_size(self.shadow_bits, self.shadow_group_size, "shadow_group_size")
 
     @property
     def speculative(self) -> bool:

@@ -41,6 +41,7 @@ class Sequence:
     finish_reason: str | None = None  # "stop" (EOS or a stop token), "length" or "abort"
     draft: list[int] = field(default_factory=list)
     draft_probs: list[torch.Tensor] = field(default_factory=list)  # [V] per draft token (sampling)
+    accepted: int = 0  # of this round's draft, tokens accepted and emitted (none past a stop)
 
     @property
     def tokens(self) -> list[int]:
@@ -113,13 +114,11 @@ class Engine:
         bad = [t for t in prompt_ids if not (isinstance(t, int) and 0 <= t < vocab)]
         if bad:
             raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
-        # a round may hold k draft tokens beyond the last emitted one
-        reserve = self.config.decoder.k_max if self.config.decoder.speculative else 0
-        if len(prompt_ids) + params.max_new_tokens + reserve > self.max_model_len:
+        # every mode serves the same requests: drafts stay within the tokens still to come (see _draft)
+        if len(prompt_ids) + params.max_new_tokens > self.max_model_len:
             raise ValueError(
                 f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens})"
-                + (f" + k_max ({reserve})" if reserve else "")
-                + f" exceeds max_model_len ({self.max_model_len})"
+                f" exceeds max_model_len ({self.max_model_len})"
             )
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         self.waiting.append(Sequence(request_id, prompt_ids, params, generator=params.generator()))
@@ -195,11 +194,17 @@ class Engine:
         After its last draft token a sequence takes one more draft step whose logits are
         dropped: it only routes d_k, so that the predicted sets cover every position that
         verification will process (t(n-1), d_1..d_k).
+
+        Room: a sequence of n tokens drafts at most ``max_new_tokens - len(output) - 1`` tokens
+        (a draft never runs past the tokens still to come; the round's bonus is the last one),
+        and at most ``max_model_len - n``: drafting and verification write positions n-1 ..
+        n-1+k, all below max_model_len.
         """
         for seq in seqs:
             seq.draft, seq.draft_probs = [], []
         running = [s for s in seqs if s.output]  # prefilled; the newly admitted prefill this round
-        room = {s.request_id: min(k, s.params.max_new_tokens - len(s.output) - 1) for s in running}
+        room = {s.request_id: min(k, s.params.max_new_tokens - len(s.output) - 1, self.max_model_len - len(s.tokens))
+                for s in running}
         active = [s for s in running if room[s.request_id] > 0]
         if not active:
             return
@@ -267,15 +272,18 @@ class Engine:
                     break
             if seq.finish_reason is None:
                 self.cache.truncate(seq.slot, len(seq.tokens) - 1)
+            seq.accepted = min(accepted, len(kept))
             outputs.append(StepOutput(seq.request_id, kept, seq.finish_reason is not None, seq.finish_reason,
-                                      len(seq.draft), min(accepted, len(kept))))
+                                      len(seq.draft), seq.accepted))
         if self.runtime is not None:
             self.runtime.admit_staged()
         return outputs
 
     def _adapt(self, k: int, seqs: list[Sequence], accepted: list[int], draft_s: float, verify_s: float) -> None:
+        """Count the round (accepted tokens as emitted: none past a stop) and let the controller
+        learn from ``accepted``, the verdict's counts (how good the draft was)."""
         drafted = [len(s.draft) for s in seqs]
-        self.counters.record(drafted, accepted, draft_s, verify_s)
+        self.counters.record(drafted, [s.accepted for s in seqs], draft_s, verify_s)
         if self.runtime is not None:
             self.runtime.counters.close_round(score=any(drafted))
         if any(drafted) or k == 0:

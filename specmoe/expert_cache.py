@@ -35,16 +35,23 @@ class ExpertCache:
 
     * ``pinned`` experts (the hot set from a routing profile) are never evicted;
     * the rest are evicted by ``policy``: ``lru`` (least recently used) or ``lfu`` (least
-      frequently used since admission, ties broken by recency).
+      frequently used since admission, ties broken by recency); the decoder's default is
+      ``DecoderConfig.eviction``;
+    * every layer keeps a share: eviction never takes a layer below ``layer_floor`` resident
+      experts (a newcomer of that layer may replace one of them), so admitting one layer's
+      experts cannot empty another's.
     """
 
-    def __init__(self, budget_bytes: int, policy: str = "lru"):
+    def __init__(self, budget_bytes: int, policy: str, layer_floor: int = 0):
         if budget_bytes < 0:
             raise ValueError(f"cache budget must be >= 0 bytes, got {budget_bytes}")
         if policy not in POLICIES:
             raise ValueError(f"unknown eviction policy {policy!r}; allowed: {', '.join(POLICIES)}")
+        if layer_floor < 0:
+            raise ValueError(f"layer_floor must be >= 0 experts, got {layer_floor}")
         self.budget = budget_bytes
         self.policy = policy
+        self.layer_floor = layer_floor
         self.entries: OrderedDict[Key, tuple[Any, int]] = OrderedDict()  # oldest use first
         self.pinned: set[Key] = set()
         self.uses: Counter[Key] = Counter()
@@ -83,7 +90,7 @@ class ExpertCache:
             self.entries.move_to_end(key)
             self.pinned |= {key} if pin else set()
             return True
-        if not self._make_room(nbytes):
+        if not self._make_room(key, nbytes):
             self.stats.refused += 1
             return False
         self.entries[key] = (value, nbytes)
@@ -96,15 +103,19 @@ class ExpertCache:
         assert self.used_bytes <= self.budget  # invariant, not input validation
         return True
 
-    def _make_room(self, nbytes: int) -> bool:
+    def _make_room(self, newcomer: Key, nbytes: int) -> bool:
         if nbytes > self.budget:
             return False
-        victims = self._eviction_order()
+        held = Counter(layer for layer, _ in self.entries)
+        held[newcomer[0]] += 1
         free = self.budget - self.used_bytes
         chosen = []
-        for key in victims:
+        for key in self._eviction_order():
             if free >= nbytes:
                 break
+            if held[key[0]] <= self.layer_floor:
+                continue  # the layer keeps its share
+            held[key[0]] -= 1
             chosen.append(key)
             free += self.entries[key][1]
         if free < nbytes:

@@ -136,9 +136,10 @@ class TopKRouter(nn.Module):
     ``norm_topk_prob`` renormalises the top-k weights to sum to one; ``cast_weights`` casts
     them to the hidden dtype (Qwen, OLMoE) instead of keeping float32 (Mixtral).
 
-    ``hook``, when set, sees every routing decision and may replace it:
-    ``hook(router, x, logits, weights, indices) -> (logits, weights, indices)``. Profiling,
-    drafting and lookahead prefetch attach here; the model files never know.
+    ``hooks`` see every routing decision, in the order they were added, and each may replace
+    it: ``hook(router, x, logits, weights, indices) -> (logits, weights, indices)``. Profiling,
+    drafting and lookahead prefetch attach here (``add_hook`` / ``remove_hook``), side by
+    side; the model files never know.
     """
 
     def __init__(
@@ -150,20 +151,30 @@ class TopKRouter(nn.Module):
         self.norm_topk_prob = norm_topk_prob
         self.cast_weights = cast_weights
         self.layer = layer
-        self.hook: Callable | None = None
+        self.hooks: list[Callable] = []
+
+    def add_hook(self, hook: Callable) -> Callable:
+        self.hooks.append(hook)
+        return hook
+
+    def remove_hook(self, hook: Callable) -> None:
+        self.hooks.remove(hook)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits = F.linear(x, self.weight)  # [N, E]
         weights, indices = self.select(logits)  # [N, K]
-        if self.hook is not None:
-            return self.hook(self, x, logits, weights, indices)
+        for hook in self.hooks:
+            logits, weights, indices = hook(self, x, logits, weights, indices)
         return logits, weights, indices
 
     def select(self, logits: torch.Tensor, allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k weights and indices from logits [N, E].
 
-        ``allowed`` [E] bool restricts the choice; the chosen weights are then rescaled to the
-        mass the unrestricted top-k would have had, so nothing changes when nothing is excluded.
+        ``allowed`` [E] bool restricts the choice to the top-k among the allowed experts; the
+        chosen weights are then rescaled to the mass the unrestricted top-k would have had, so
+        nothing changes when nothing is excluded. A pick beyond the allowed ones (fewer allowed
+        than k) has weight 0; with none allowed every weight is 0 and the experts contribute
+        nothing (the layer's routed output is zero), never 0/0.
         """
         probs = torch.softmax(logits.float(), dim=-1)
         weights, indices = torch.topk(probs, self.top_k, dim=-1)  # [N, K]
@@ -172,7 +183,7 @@ class TopKRouter(nn.Module):
             weights, indices = torch.topk(probs.masked_fill(~allowed, 0.0), self.top_k, dim=-1)
             weights = weights * (mass / weights.sum(dim=-1, keepdim=True).clamp_min(1e-30))
         if self.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+            weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-30)
         if self.cast_weights:
             weights = weights.to(logits.dtype)
         return weights, indices

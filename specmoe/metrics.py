@@ -11,7 +11,7 @@ class RoundCounters:
     draft_rounds: int = 0  # rounds in which at least one sequence drafted
     verified: int = 0  # sequence-rounds that checked a draft
     drafted_tokens: int = 0
-    accepted_tokens: int = 0
+    accepted_tokens: int = 0  # accepted and emitted: none past a stop token
     draft_s: float = 0.0
     verify_s: float = 0.0
 
@@ -61,6 +61,7 @@ def summarize(engine, generated_tokens: int, wall_s: float) -> dict:
         out.update(
             {
                 "expert_bytes_moved": f.bytes_moved,
+                "startup_bytes_moved": rt.startup_bytes,  # before the run: pinning the hot set, building the shadow
                 "expert_bytes_per_token": f.bytes_moved * per_token,
                 "fetch_requests": f.fetch_requests,
                 "fetch_requests_per_token": f.fetch_requests * per_token,

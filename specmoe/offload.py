@@ -45,7 +45,7 @@ class FetchCounters:
     fetch_requests: int = 0  # one per (layer, expert) transfer
     prefetched: int = 0  # requested from a prediction, before verification needed it
     misses: int = 0  # needed by an exact pass, not resident and not in flight: fetched on demand
-    stall_s: float = 0.0  # time an exact pass waited on transfers
+    stall_s: float = 0.0  # time an exact pass was blocked on transfers: in the source's fetch call or awaiting delivery
     shadow_uses: int = 0  # draft-phase uses of a low-bit copy
     remote_computes: int = 0  # misses run on their store instead of being fetched
     remote_activation_bytes: int = 0
@@ -117,14 +117,17 @@ class DeviceUploader:
 
 
 class ExpertRuntime:
-    """The decoder's view of remote experts: cache, in-flight requests, shadow, phase."""
+    """The decoder's view of remote experts: cache, in-flight requests, shadow, phase.
+
+    It has no defaults of its own: ``attach_runtime`` passes ``DecoderConfig``'s.
+    """
 
     def __init__(
         self,
         fetch: FetchFn,
         cache: ExpertCache,
         num_experts: dict[int, int],
-        draft_policy: str = "resident",
+        draft_policy: str,
         shadow: dict | None = None,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
@@ -166,7 +169,10 @@ class ExpertRuntime:
         ]
         if not wanted:
             return
+        started = time.perf_counter()
         futures = self.fetch_fn(layer, wanted)
+        if self.phase == "exact":  # a source may block in fetch (in-process reads, asking a store for references)
+            self.counters.stall_s += time.perf_counter() - started
         for e in wanted:
             self.in_flight[(layer, e)] = futures[e]
         self.counters.fetch_requests += len(wanted)
@@ -361,13 +367,17 @@ def attach_runtime(model, fetch: FetchFn, config, device: torch.device | str = "
     item = torch.empty((), dtype=dtype).element_size()
     expert_bytes = {layer: 3 * b.experts.intermediate_size * hidden * item for layer, b in blocks}
     total = sum(expert_bytes[layer] * b.experts.num_experts for layer, b in blocks)
-    cache = ExpertCache(config.budget_bytes(total), config.eviction)
+    budget = config.budget_bytes(total)
+    # every layer keeps a share: up to top-k experts each, as many as the budget holds for all layers
+    slots = budget // max(expert_bytes.values())
+    floor = min(min(b.gate.top_k for _, b in blocks), slots // len(blocks))
+    cache = ExpertCache(budget, config.eviction, layer_floor=floor)
     use_shadow = config.mode == "specmoe" and config.draft_policy == "shadow"
     runtime = ExpertRuntime(
         fetch,
         cache,
         {layer: b.experts.num_experts for layer, b in blocks},
-        config.draft_policy if config.mode == "specmoe" else "resident",
+        config.draft_policy if config.mode == "specmoe" else "resident",  # other modes never draft
         {} if use_shadow else None,
         device,
         dtype,
@@ -382,7 +392,7 @@ def attach_runtime(model, fetch: FetchFn, config, device: torch.device | str = "
     for (layer, block), nxt in zip(blocks, blocks[1:] + [(None, None)]):
         block.experts.implementation = "offloaded"
         block.experts.runtime = runtime
-        block.gate.hook = runtime.route
+        block.gate.add_hook(runtime.route)
         if nxt[1] is not None:
             runtime.next_router[layer] = nxt[1].gate
     if config.profile is not None:

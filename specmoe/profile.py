@@ -61,23 +61,29 @@ class RoutingProfile:
 
 
 def record_profile(engine, prompts: list[str | list[int]], max_new_tokens: int = 32) -> RoutingProfile:
-    """Run ``prompts`` through ``engine`` (greedy) and count every routing decision."""
+    """Run ``prompts`` through ``engine`` (greedy) and count every exact routing decision.
+
+    The counting hook sits beside the engine's own (an offloaded engine keeps prefetching and
+    drafting while it is profiled, and afterwards); draft passes are not counted.
+    """
     blocks = engine.model.moe_blocks()
     profile = RoutingProfile(engine.hf_config.model_type, blocks[0][1].experts.num_experts)
+    runtime = engine.runtime
 
     def count(router, x, logits, weights, indices):
-        profile.add(router.layer, indices)
+        if runtime is None or runtime.phase == "exact":
+            profile.add(router.layer, indices)
         return logits, weights, indices
 
     for _, block in blocks:
-        block.gate.hook = count
+        block.gate.add_hook(count)
     try:
         from specmoe.sampling import SamplingParams
 
         outs = engine.generate(prompts, SamplingParams(max_new_tokens=max_new_tokens))
     finally:
         for _, block in blocks:
-            block.gate.hook = None
+            block.gate.remove_hook(count)
     profile.tokens = sum(len(o.prompt_token_ids) + len(o.token_ids) for o in outs)
     return profile
 

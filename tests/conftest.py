@@ -64,12 +64,16 @@ FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
 NAMINGS = ["per_expert", "fused"]
 
 
-def save_random_checkpoint(family: str, out: Path, seed: int = 0) -> Path:
-    """A random checkpoint saved by transformers (which writes the Hub's per-expert names)."""
+def save_random_checkpoint(family: str, out: Path, seed: int = 0, **overrides) -> Path:
+    """A random checkpoint saved by transformers (which writes the Hub's per-expert names);
+    ``overrides`` change the family's tiny config (``hidden_size=80``, ``vocab_size=16``, ...)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(family_configs()[family], dtype=torch.float32)
+    config = family_configs()[family]
+    for name, value in overrides.items():
+        setattr(config, name, value)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(out)
     return out
 

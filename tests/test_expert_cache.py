@@ -59,7 +59,7 @@ def test_an_expert_that_cannot_fit_is_refused_not_forced_in():
 
 
 def test_hit_rate_and_residency():
-    cache = ExpertCache(1000)
+    cache = ExpertCache(1000, "lfu")
     cache.put((1, 4), "w", 10)
     cache.put((2, 4), "w", 10)
     assert cache.get((1, 4)) == "w" and cache.get((1, 5)) is None
@@ -71,7 +71,29 @@ def test_bad_cache_arguments():
     with pytest.raises(ValueError, match="allowed: lru, lfu"):
         ExpertCache(10, "fifo")
     with pytest.raises(ValueError, match=">= 0 bytes"):
-        ExpertCache(-1)
+        ExpertCache(-1, "lfu")
+    with pytest.raises(ValueError, match="layer_floor"):
+        ExpertCache(10, "lfu", layer_floor=-1)
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_admitting_later_layers_never_empties_an_earlier_one(policy):
+    """End of a round admits layer 0's experts first, then layer 1's, ...: without a floor the
+    newest (least used, oldest among equals) evict each other and the first layers end empty."""
+    cache = ExpertCache(400, policy, layer_floor=1)
+    for rnd in range(3):
+        for layer in range(4):
+            for e in (rnd, rnd + 4):
+                cache.put((layer, e), "w", 100)
+        assert all(len(cache.resident(layer)) == 1 for layer in range(4)), cache.entries.keys()
+    cache.get((2, 6))
+    cache.put((2, 7), "w", 100)  # a newcomer may replace its own layer's share
+    assert cache.resident(2) == {7} and cache.used_bytes == 400
+    floorless = ExpertCache(400, policy)
+    for layer in range(4):
+        for e in (0, 4):
+            floorless.put((layer, e), "w", 100)
+    assert not floorless.resident(0)
 
 
 def test_prediction_precision_and_recall_on_a_hand_made_trace():
@@ -126,9 +148,24 @@ def test_groupwise_quantization_round_trip(bits, tolerance):
     assert q.nbytes == (48 * 64 * bits) // 8 + 48 * 2 * 2
 
 
-def test_quantize_rejects_bad_shapes():
-    with pytest.raises(ValueError, match="divide the last dimension"):
-        quantize(torch.zeros(4, 30), 4, 32)
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("cols", [80, 48, 30])  # hidden 80, expert intermediate 48: not multiples of 32
+def test_quantize_pads_the_last_group_of_any_width(bits, cols):
+    w = torch.randn(6, cols, generator=torch.Generator().manual_seed(1))
+    q = quantize(w, bits, group_size=32)
+    groups = -(-cols // 32)
+    assert q.shape == (6, cols) and q.scales.shape == (6, groups)
+    padded = torch.nn.functional.pad(w, (0, groups * 32 - cols)).reshape(6, groups, 32)
+    step = padded.abs().amax(-1) / (127 if bits == 8 else 7)  # [6, G]: the last group's scale ignores the padding
+    err = torch.nn.functional.pad(q.dequantize() - w, (0, groups * 32 - cols)).abs().reshape(6, groups, 32)
+    assert torch.all(err <= step[..., None] / 2 + 1e-3)
+
+
+def test_quantize_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="even for int4"):
+        quantize(torch.zeros(4, 30), 4, 15)
+    with pytest.raises(ValueError, match="group_size must be an integer >= 2"):
+        quantize(torch.zeros(4, 30), 8, 1)
     with pytest.raises(ValueError, match="bits"):
         quantize(torch.zeros(4, 32), 3, 32)
 

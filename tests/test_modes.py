@@ -12,12 +12,13 @@ from transformers import AutoModelForCausalLM
 
 from conftest import FAMILIES
 from specmoe.config import DecoderConfig, EngineConfig
-from specmoe.engine import Engine
+from specmoe.engine import Engine, StepOutput
 from specmoe.metrics import summarize
+from specmoe.offload import FetchCounters
 from specmoe.profile import record_profile
 from specmoe.sampling import SamplingParams
 
-LENGTHS = (6, 13, 1, 9)  # a one-token prompt prefills and drafts in the same round
+LENGTHS = (6, 13, 1, 9)  # ragged, with a one-token prompt (its prefill is a single position)
 NEW_TOKENS = 24
 
 DECODERS = [
@@ -51,6 +52,17 @@ def run(path, decoder, prompts, **engine_kwargs):
     return [o.token_ids for o in outs], engine
 
 
+def rounds(engine, prompts, params) -> tuple[list[list[int]], list[StepOutput]]:
+    """Run ``prompts`` to completion one round at a time: (tokens per prompt, every StepOutput)."""
+    ids = [engine.add_request(p, params) for p in prompts]
+    tokens, outputs = {i: [] for i in ids}, []
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens[out.request_id] += out.new_token_ids
+            outputs.append(out)
+    return [tokens[i] for i in ids], outputs
+
+
 @pytest.mark.parametrize("decoder", DECODERS)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_output_equals_generate_in_every_mode(family, decoder, checkpoints, references):
@@ -69,10 +81,14 @@ def test_draft_that_is_always_right(family, checkpoints, references, tmp_path):
     decoder = DecoderConfig(
         mode="specmoe", draft_policy="resident", k=3, cache_budget=1.0, pinned_fraction=1.0, profile=tmp_path / "profile.json"
     )
-    tokens, engine = run(path, decoder, prompts)
+    engine = Engine(EngineConfig(model=path, max_batch_size=len(prompts), decoder=decoder))
+    tokens, outputs = rounds(engine, prompts, SamplingParams(max_new_tokens=NEW_TOKENS))
     assert tokens == refs
+    # all accepted; a round that stops inside its draft emits (and counts) the draft up to the stop
+    assert all(o.accepted == min(o.drafted, len(o.new_token_ids)) for o in outputs)
+    assert all(o.accepted == o.drafted for o in outputs if o.finish_reason != "stop")
     c = engine.counters
-    assert c.drafted_tokens > 0 and c.accepted_tokens == c.drafted_tokens
+    assert c.drafted_tokens > 0 and c.accepted_tokens == sum(o.accepted for o in outputs)
     assert engine.runtime.counters.misses == 0
 
 
@@ -97,7 +113,8 @@ def test_draft_that_is_always_wrong(family, checkpoints, references):
         return torch.randn(gate_up.shape, generator=garbage), torch.randn(down.shape, generator=garbage)
 
     for _, block in engine.model.moe_blocks():
-        block.gate.hook = least_likely
+        block.gate.remove_hook(route)
+        block.gate.add_hook(least_likely)
     runtime._draft_weights = wrong_weights
     outs = engine.generate(prompts, SamplingParams(max_new_tokens=NEW_TOKENS))
     assert [o.token_ids for o in outs] == refs
@@ -118,17 +135,74 @@ def test_shipped_model_in_every_mode(shipped_model):
         assert tokens == refs, decoder.mode
 
 
-def test_metrics_use_the_speculation_vocabulary(checkpoints, references):
-    prompts, _ = references["mixtral"]
-    decoder = DecoderConfig(mode="specmoe", draft_policy="shadow", k=2, shadow_group_size=8)
-    tokens, engine = run(checkpoints[("mixtral", "per_expert")], decoder, prompts)
-    m = summarize(engine, sum(len(t) for t in tokens), 1.0)
-    for name in ("acceptance_rate", "mean_accepted_per_round", "expert_bytes_per_token", "fetch_requests_per_token",
-                 "prediction_precision", "prediction_recall", "cache_hit_rate", "stall_s", "peak_decoder_bytes", "shadow_bytes"):
-        assert name in m
-    assert 0 < m["prediction_recall"] <= 1 and 0 < m["prediction_precision"] <= 1
-    assert m["shadow_bytes"] > 0
-    assert m["mean_accepted_per_round"] <= 2
+def test_metrics_use_the_speculation_vocabulary(checkpoints, references, tmp_path):
+    """A trace worked out by hand: every expert pinned (the draft is the model itself), k = 2, eight
+    new tokens t0..t7 at most, and a stop token that first appears as t4.
+
+    round 1: prefill -> t0                                    drafted 0, accepted 0
+    round 2: drafts t1 t2 (room min(2, 8-1-1)), both accepted, bonus t3    drafted 2, accepted 2
+    round 3: drafts t4 t5, both accepted, but t4 stops the request: t4 only  drafted 2, accepted 1
+    => 3 rounds, 2 with a draft, 4 drafted, 3 accepted (and emitted), 5 tokens; no transfer during
+    the run; every expert moved once, before it (pinning).
+    """
+    path = checkpoints[("mixtral", "per_expert")]
+    resident = Engine(EngineConfig(model=path, max_batch_size=1))
+    free = {tuple(p): resident.generate([p], SamplingParams(max_new_tokens=8, ignore_eos=True))[0].token_ids
+            for p in references["mixtral"][0]}
+    prompt, t = next((list(p), t) for p, t in free.items() if t[4] not in t[:4])
+    profile = record_profile(resident, [prompt], max_new_tokens=2)
+    profile.save(tmp_path / "profile.json")
+    decoder = DecoderConfig(mode="specmoe", draft_policy="resident", k=2, cache_budget=1.0, pinned_fraction=1.0,
+                            profile=tmp_path / "profile.json")
+    engine = Engine(EngineConfig(model=path, max_batch_size=1, decoder=decoder))
+    params = SamplingParams(max_new_tokens=8, stop_token_ids=(t[4],), ignore_eos=True)
+    tokens, outputs = rounds(engine, [prompt], params)
+    assert tokens == [t[:5]]
+    assert [(o.new_token_ids, o.drafted, o.accepted) for o in outputs] == [(t[:1], 0, 0), (t[1:4], 2, 2), (t[4:5], 2, 1)]
+    every_expert = 3 * 4 * (3 * 48 * 32 * 4)  # 3 layers x 4 experts x (gate, up, down: 3 x I x H fp32 values)
+    expected = {
+        "generated_tokens": 5, "tokens_per_s": 5.0, "time_per_output_token_ms": 200.0,  # over 1 s
+        "rounds": 3, "draft_rounds": 2, "drafted_tokens": 4, "accepted_tokens": 3,
+        "acceptance_rate": 0.75, "mean_accepted_per_round": 1.5,
+        "expert_bytes_moved": 0, "expert_bytes_per_token": 0.0, "fetch_requests": 0, "fetch_requests_per_token": 0.0,
+        "prefetched": 0, "misses": 0, "stall_s": 0.0, "cache_hit_rate": 1.0,
+        "prediction_precision": 1.0, "prediction_recall": 1.0,  # the draft routes exactly as verification does
+        "startup_bytes_moved": every_expert, "cache_peak_bytes": every_expert, "shadow_bytes": 0, "staged_peak_bytes": 0,
+    }
+    m = summarize(engine, 5, 1.0)
+    assert {name: m[name] for name in expected} == expected
+
+
+def test_profiling_an_offloaded_engine_keeps_its_prefetch_and_draft_routing(checkpoints, references):
+    prompts, refs = references["mixtral"]
+    decoder = DecoderConfig(mode="specmoe", draft_policy="resident", k=2, cache_budget=0.25)
+    engine = Engine(EngineConfig(model=checkpoints[("mixtral", "per_expert")], max_batch_size=4, decoder=decoder))
+    profile = record_profile(engine, prompts, max_new_tokens=4)
+    assert all(sum(row) > 0 for row in profile.counts.values())
+    assert engine.runtime.counters.prefetched > 0  # drafting predicted and prefetched while profiled
+    engine.runtime.counters = FetchCounters()
+    tokens = [o.token_ids for o in engine.generate(prompts, SamplingParams(max_new_tokens=NEW_TOKENS))]
+    assert tokens == refs
+    assert engine.runtime.counters.prefetched > 0 and engine.runtime.counters.predicted_total > 0
+
+
+@pytest.mark.parametrize("new_tokens", [8, 10])  # rounds of 1 + 5 + 5 tokens: the last starts 2 or 4 short of the end
+def test_specmoe_serves_a_request_that_fills_max_model_len(checkpoints, new_tokens):
+    """Specmoe accepts what the other modes accept: a draft never runs past the tokens still to
+    come, so every position written (draft scratch included) stays below max_model_len (the KV
+    cache refuses a write beyond it)."""
+    path = checkpoints[("mixtral", "per_expert")]
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    prompts = [list(range(3, 35 - new_tokens)), [5, 6]]  # the first fills max_model_len = 32
+    refs = [o.token_ids for o in Engine(EngineConfig(model=path, max_batch_size=2, max_model_len=32)).generate(prompts, params)]
+    decoder = DecoderConfig(mode="specmoe", draft_policy="resident", k=4, cache_budget=1.0)  # k = k_max
+    engine = Engine(EngineConfig(model=path, max_batch_size=2, max_model_len=32, decoder=decoder))
+    tokens, outputs = rounds(engine, prompts, params)
+    assert tokens == refs
+    assert sum(o.drafted for o in outputs) > 0
+    too_long = len(prompts[0]) + 1
+    with pytest.raises(ValueError, match=rf"prompt \({too_long} tokens\) \+ max_new_tokens \({new_tokens}\) exceeds max_model_len \(32\)"):
+        engine.add_request(list(range(3, 3 + too_long)), params)
 
 
 def test_sampled_speculative_decoding_is_seeded_deterministic(checkpoints, references):
