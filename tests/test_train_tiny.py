@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from specmoe.tools.train_tiny import TrainConfig, lr_at, main, run, split_corpus, verify
+from specmoe.tools.train_tiny import SAMPLE_PROMPT, TrainConfig, lr_at, main, run, split_corpus, verify
 
 # The shared data folder sits beside the repository checkout.
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
@@ -64,7 +64,9 @@ def test_training_output_loads_and_is_deterministic(small_corpus, tmp_path):
     assert json.loads((a / "training.json").read_text())["config"]["seed"] == 0
     card = (a / "README.md").read_text()
     assert "python -m specmoe.tools.train_tiny" in card and "Validation loss" in card
-    assert isinstance(verify(a, max_new_tokens=5), str)
+    sample = verify(a, max_new_tokens=5)  # reloads in transformers, seeded sample
+    assert sample.startswith(SAMPLE_PROMPT) and len(sample) > len(SAMPLE_PROMPT)
+    assert verify(b, max_new_tokens=5) == sample  # same weights, same seed: same text
 
 
 def test_command_line(small_corpus, tmp_path, capsys):
