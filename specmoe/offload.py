@@ -7,8 +7,12 @@ copies, and the counters that the metrics report. It works in one of two phases:
 * ``exact`` - the model's own routing; every needed expert is used with its real weights:
   from the cache, from a request already in flight, or fetched now (a miss, and a stall);
 * ``draft`` - draft routing: nothing is fetched. Under the ``resident`` draft policy the
-  router's choice is restricted to resident experts (weights renormalised); under ``shadow``
-  a non-resident expert runs from its low-bit copy.
+  router's choice is restricted to the top-k among resident experts (weights rescaled to the
+  unrestricted top-k's mass); a layer with no resident expert then adds no routed output to
+  the draft (the cache keeps a share of every layer, so this happens only before a layer's
+  experts are first fetched, or when the budget's unpinned part cannot hold one expert per
+  layer). Under ``shadow`` a non-resident expert runs
+  from its low-bit copy.
 
 Router hooks feed predictions: in draft phase the unrestricted top-k of every draft token is
 recorded as the layer's predicted set and requested at once (earliest layers first, so
