@@ -127,10 +127,15 @@ def _list_type(validator, list_type, instance, schema):
         yield jsonschema.ValidationError(f"duplicate entries {', '.join(repeated)} in a list of type {list_type}")
 
 
-FORMATS = jsonschema.FormatChecker(formats=())
-for _name, (_low, _high) in INT_RANGES.items():
-    FORMATS.checks(_name)(lambda v, low=_low, high=_high: not isinstance(v, int) or low <= v <= high)
 KubeValidator = jsonschema.validators.extend(jsonschema.Draft4Validator, {"x-kubernetes-list-type": _list_type})
+
+
+def kube_validator(schema: dict):
+    """A validator of ``strict(schema)``'s kind, with the integer formats range-checked."""
+    formats = jsonschema.FormatChecker(formats=())
+    for name, (low, high) in INT_RANGES.items():
+        formats.checks(name)(lambda v, low=low, high=high: not isinstance(v, int) or low <= v <= high)
+    return KubeValidator(schema, format_checker=formats)
 
 
 @dataclass
@@ -155,8 +160,7 @@ def load_crd(path: Path) -> Crd:
     crd = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     schema = v1["schema"]["openAPIV3Schema"]
-    return Crd(crd["spec"]["group"], crd["spec"]["names"]["kind"], schema,
-               KubeValidator(strict(schema, root=True), format_checker=FORMATS))
+    return Crd(crd["spec"]["group"], crd["spec"]["names"]["kind"], schema, kube_validator(strict(schema, root=True)))
 
 
 @pytest.fixture(scope="module")
@@ -295,10 +299,10 @@ def test_defaults_are_applied_before_validation(crds):
     for group in doc["spec"]["workerGroupSpecs"]:
         del group["minReplicas"], group["maxReplicas"]
     assert crds["RayCluster"].errors(doc) == []
-    stored = defaulted(doc, crds["RayCluster"].schema)["spec"]["workerGroupSpecs"][0]
-    assert (stored["minReplicas"], stored["maxReplicas"], stored["numOfHosts"]) == (0, 2**31 - 1, 1)
-    port = defaulted(doc, crds["RayCluster"].schema)["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"][0]
-    assert port["protocol"] == "TCP"
+    stored = defaulted(doc, crds["RayCluster"].schema)["spec"]
+    group = stored["workerGroupSpecs"][0]
+    assert (group["minReplicas"], group["maxReplicas"], group["numOfHosts"]) == (0, 2**31 - 1, 1)
+    assert stored["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"][0]["protocol"] == "TCP"
     assert any("'minReplicas' is a required property" in e for e in crds["RayCluster"].errors(doc, defaults=False))
 
 
@@ -404,9 +408,7 @@ def test_model_volume_and_its_prepare_job(crds):
     assert claim["metadata"]["name"] == "specmoe-data"
     assert set(claim["spec"]) <= {"accessModes", "resources", "storageClassName", "volumeMode", "selector"}
     pod_template = crds["RayCluster"].schema["properties"]["spec"]["properties"]["headGroupSpec"]["properties"]["template"]
-    errors = list(KubeValidator(strict(pod_template), format_checker=FORMATS).iter_errors(
-        defaulted(job["spec"]["template"], pod_template)))
-    assert errors == []
+    assert list(kube_validator(strict(pod_template)).iter_errors(defaulted(job["spec"]["template"], pod_template))) == []
     spec, pod = service_spec(), job["spec"]["template"]
     container = pod["spec"]["containers"][0]
     model = {e["name"]: e["value"] for e in container["env"]}["MODEL"]
