@@ -81,6 +81,23 @@ def stream_all(client, prompts, params, on_piece=None) -> list[list]:
     return out
 
 
+def when_all_started(count: int, action):
+    """An ``on_piece`` callback that runs ``action`` once, when each of ``count`` streams has
+    received tokens: every request then has committed tokens, none has finished."""
+    started, lock, fired = set(), threading.Lock(), threading.Event()
+
+    def on_piece(i, piece):
+        with lock:
+            if piece.token_ids:
+                started.add(i)
+            if len(started) == count and not fired.is_set():
+                fired.set()
+                action()
+
+    on_piece.fired = fired
+    return on_piece
+
+
 def assert_exactly_once(pieces, want_tokens, tokenizer):
     """Concatenated pieces are the reference: no token (or character) duplicated or missing."""
     assert sum((p.token_ids for p in pieces), []) == want_tokens
@@ -141,6 +158,10 @@ def test_cancelling_a_request_frees_its_slot_for_a_queued_one(client, reference)
         time.sleep(0.5)
         assert client.metrics()["queued"] == 1  # still waiting: every slot is busy
         client.abort(long_ids[0])
+        deadline = time.monotonic() + 30
+        while client.metrics()["queued"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert client.metrics()["queued"] == 0  # the freed slot went to the queued request
         [done] = client.wait([queued])  # runs now, while the other long ones still hold their slots
         assert done.token_ids == reference("JULIET:", 6)
         assert client.metrics()["running"] == slots - 1
@@ -152,17 +173,12 @@ def test_cancelling_a_request_frees_its_slot_for_a_queued_one(client, reference)
 
 def test_killing_an_expert_store_mid_generation_loses_no_token(client, reference):
     store = client.deployment.stores.handles[0]
-    killed = threading.Event()
-
-    def kill_once(i, piece):
-        if not killed.is_set():
-            killed.set()
-            ray.kill(store, no_restart=False)  # restarted by Ray; it loads and publishes its experts again
-
     prompts = PROMPTS[:6]
+    # restarted by Ray: it loads and publishes its experts again
+    kill = when_all_started(len(prompts), lambda: ray.kill(store, no_restart=False))
     params = [GenerationParams(max_new_tokens=32, ignore_eos=True)] * len(prompts)
-    out = stream_all(client, prompts, params, kill_once)
-    assert killed.is_set()
+    out = stream_all(client, prompts, params, kill)
+    assert kill.fired.is_set()
     for prompt, pieces in zip(prompts, out):
         assert_exactly_once(pieces, reference(prompt, 32), reference.tokenizer)
     wait_idle(client)
@@ -170,20 +186,19 @@ def test_killing_an_expert_store_mid_generation_loses_no_token(client, reference
 
 
 def test_restarting_the_coordinator_resumes_requests_from_the_journal(client, reference):
-    killed = threading.Event()
     coordinator = client.coordinator
-
-    def kill_once(i, piece):
-        if not killed.is_set():
-            killed.set()
-            ray.kill(coordinator, no_restart=False)
-
-    prompts = PROMPTS[6:10]
-    params = [GenerationParams(max_new_tokens=40, ignore_eos=True)] * len(prompts)
-    out = stream_all(client, prompts, params, kill_once)
-    assert killed.is_set()
-    for prompt, pieces in zip(prompts, out):
+    prompts = PROMPTS[6:11]
+    kill = when_all_started(len(prompts), lambda: ray.kill(coordinator, no_restart=False))
+    greedy = GenerationParams(max_new_tokens=40, ignore_eos=True)
+    sampled = GenerationParams(max_new_tokens=40, ignore_eos=True, temperature=1.0)  # unseeded: never drawn twice alike
+    out = stream_all(client, prompts, [greedy] * 4 + [sampled], kill)
+    assert kill.fired.is_set()
+    for prompt, pieces in zip(prompts[:4], out):
         assert_exactly_once(pieces, reference(prompt, 40), reference.tokenizer)  # streams reconnected with their cursor
+    for pieces in out:  # each resumed from its committed tokens, and the client saw exactly what the coordinator holds
+        held = ray.get(client.coordinator.result.remote(pieces[0].request_id))
+        assert sum((p.token_ids for p in pieces), []) == held.token_ids and len(held.token_ids) == 40
+        assert pieces[-1].metrics["readmitted"] == 1
     m = wait_idle(client)
     assert m["incarnation"] == 1  # a new coordinator, which read the journal
     assert sum(d["running"] for d in m["decoders"]) == 0
@@ -205,18 +220,13 @@ def test_a_full_queue_raises_overloaded_and_the_service_keeps_serving(client, re
 
 def test_killing_a_decoder_mid_generation_loses_no_token(client, reference):
     decoder = client.deployment.decoders[0]
-    killed = threading.Event()
-
-    def kill_once(i, piece):
-        if not killed.is_set():
-            killed.set()
-            ray.kill(decoder, no_restart=True)
-
     prompts = PROMPTS[10:18]
-    params = [GenerationParams(max_new_tokens=32, ignore_eos=True)] * len(prompts)
-    out = stream_all(client, prompts, params, kill_once)
+    kill = when_all_started(len(prompts), lambda: ray.kill(decoder, no_restart=True))
+    params = [GenerationParams(max_new_tokens=40, ignore_eos=True)] * len(prompts)
+    out = stream_all(client, prompts, params, kill)
+    assert kill.fired.is_set()
     for prompt, pieces in zip(prompts, out):
-        assert_exactly_once(pieces, reference(prompt, 32), reference.tokenizer)
+        assert_exactly_once(pieces, reference(prompt, 40), reference.tokenizer)
     m = wait_idle(client)
     assert m["readmitted"] >= 1 and not m["decoders"][0]["live"] and m["decoders"][1]["live"]
 
