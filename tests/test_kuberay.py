@@ -341,6 +341,11 @@ def test_serve_config_builds_a_deployment_spec():
     build_app = getattr(importlib.import_module(module), attribute)
     build_app(app["args"])  # the app's own check of its args; binds, starts nothing
     assert app["args"]["model_name"] == Path(service_spec().model.path).name
+    cluster = cluster_specs()["RayService"]  # every ingress replica finds its CPUs on a worker (the head has none)
+    worker_cpus = sum(g["replicas"] * float(g["rayStartParams"].get(
+        "num-cpus", g["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])) for g in cluster["workerGroupSpecs"])
+    (ingress,) = app["deployments"]
+    assert ingress["autoscaling_config"]["max_replicas"] * ingress["ray_actor_options"]["num_cpus"] <= worker_cpus
 
 
 def test_serve_config_matches_deploy_serve_config():
