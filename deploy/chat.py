@@ -45,8 +45,8 @@ def check_messages(messages) -> list[dict]:
 
 def render_chat(tokenizer, messages) -> str:
     """The prompt text for ``messages``, ending where the assistant's reply begins."""
+    messages = check_messages(messages)
     if tokenizer is None:
         raise ValueError("this model has no tokenizer, so it cannot take chat messages; send a prompt instead")
     template = getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
-    return tokenizer.apply_chat_template(check_messages(messages), chat_template=template, tokenize=False,
-                                         add_generation_prompt=True)
+    return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
