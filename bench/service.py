@@ -163,7 +163,7 @@ def markdown(report: dict) -> str:
              f"cluster (one store node, one decoder node, experts over `{cfg['transport']}`); each client streams "
              f"{cfg['requests']} requests in turn through `specmoe.connect()`, {cfg['new_tokens']} greedy tokens per "
              f"prompt of {cfg['prompt_len']} tokens. Times are what a client sees (submit to first token; first to last "
-             "token per later token).", "",
+             "token per later token). One run per level on a shared machine (its load average at each level is in the JSON).", "",
              "| mode | clients | exact | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 3)]
     for r in rows:
         cells = [f"{r[c]:.3g}" for c in cols]
@@ -183,16 +183,16 @@ def plot(report: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     rows = report["rows"]
-    panels = (("tokens_per_s", "generated tokens / s"), ("ttft_p50_ms", "time to first token, p50 (ms)"),
-              ("tpot_p50_ms", "time per output token, p50 (ms)"))
+    panels = (("tokens_per_s", "generated tokens / s"), ("ttft_p50_ms", "time to first token (ms)"),
+              ("tpot_p50_ms", "time per output token (ms)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(15, 4))
     for ax, (key, label) in zip(axes, panels):
-        for mode in MODES:
+        for j, mode in enumerate(MODES):
             pts = [(r["clients"], r[key]) for r in rows if r["mode"] == mode]
-            ax.plot(*zip(*pts), marker="o", label=mode)
+            ax.plot(*zip(*pts), marker="o", color=f"C{j}", label=mode)
             if key != "tokens_per_s":
                 p99 = [(r["clients"], r[key.replace("p50", "p99")]) for r in rows if r["mode"] == mode]
-                ax.plot(*zip(*p99), linestyle="--", alpha=0.5, label=f"{mode} p99")
+                ax.plot(*zip(*p99), linestyle="--", color=f"C{j}", alpha=0.5, label=f"{mode} p99")
         ax.set(xscale="log", xlabel="concurrent clients", ylabel=label)
         ax.set_xticks(report["config"]["clients"], [str(c) for c in report["config"]["clients"]])
         ax.grid(alpha=0.3)

@@ -324,3 +324,23 @@ def test_a_restarted_coordinator_resumes_from_the_journal_and_drops_stale_copies
         assert last.finish_reason == "length"
     aborted = {c[1] for f in fakes for c in f.calls if c[0] == "abort"}
     assert stale <= aborted and not any(key in f.seqs for f in fakes for key in stale)  # stale copies aborted
+
+
+def test_user_mistakes_raise_value_error_naming_the_value(tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="stop must be a list of non-empty strings, got"):
+        GenerationParams(stop=["ok", ""])
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1, got 0"):
+        GenerationParams(max_new_tokens=0)
+    assert GenerationParams(stop="\n").stop == ("\n",)
+
+    async def main():
+        coord = make(tokenizer, [FakeDecoder()], tmp_path)
+        with pytest.raises(ValueError, match="non-empty text or a non-empty list of token ids"):
+            await coord.submit("r", [], None)
+        with pytest.raises(ValueError, match="request_id must be a non-empty string"):
+            await coord.submit("", "ROMEO:", None)
+        await coord.submit("long", list(range(1001)), GenerationParams(max_new_tokens=2))  # the decoder refuses it
+        return await stream(coord, "long")
+
+    _, _, last = asyncio.run(main())
+    assert last.finish_reason == "error" and "exceeds max_model_len" in last.error

@@ -9,6 +9,8 @@ because it leaves one decoder.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 
@@ -21,7 +23,7 @@ from cluster.deployment import CoordinatorSpec, DecodersSpec, DeploymentSpec, Mo
 from specmoe.config import DecoderConfig, EngineConfig
 from specmoe.engine import Engine
 from specmoe.sampling import SamplingParams
-from tests.conftest import SHIPPED_MODEL
+from tests.conftest import REPO, SHIPPED_MODEL
 
 pytestmark = pytest.mark.cluster
 
@@ -216,6 +218,16 @@ def test_a_full_queue_raises_overloaded_and_the_service_keeps_serving(client, re
     for i, c in enumerate(done):
         assert c.token_ids == reference(PROMPTS[i % 32], 8)
     assert client.generate(["JULIET:"], params)[0].token_ids == reference("JULIET:", 8)
+
+
+def test_another_process_connects_by_address_to_the_same_coordinator(client, reference):
+    code = ("import specmoe; from deploy.client import GenerationParams; "
+            f"c = specmoe.connect({client.cluster.address!r}); "
+            "print(c.generate(['JULIET:'], GenerationParams(max_new_tokens=12))[0].token_ids); c.close()")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == str(reference("JULIET:", 12))
+    assert client.metrics()["submitted"] >= 1  # served by this deployment's coordinator
 
 
 def test_killing_a_decoder_mid_generation_loses_no_token(client, reference):
