@@ -12,6 +12,9 @@ speculation vocabulary of ``specmoe.speculative``:
   **prefetch miss** is an expert verification needed that was neither resident nor in
   flight, so it was fetched on demand (a stall).
 
+Ray exports a gauge only while it is set again at least every two export intervals: the
+coordinator's gauges are refreshed every second; a decoder's cache hit rate is exported
+while it runs rounds (``ray_specmoe_prefetch_*`` and the byte counters are cumulative).
 Without Ray (the plain classes in unit tests) every call is a no-op.
 """
 
@@ -113,8 +116,12 @@ class CoordinatorTelemetry:
         self.drafted = self.accepted = 0
 
     def queue(self, queued: int, running: int) -> None:
+        """The queue and its gauges; the coordinator calls this at least once a second (Ray
+        stops exporting a gauge that is not set again within two export intervals)."""
         self.m.set("specmoe_queue_depth", queued)
         self.m.set("specmoe_running_requests", running)
+        if self.drafted:
+            self.m.set("specmoe_acceptance_rate", self.accepted / self.drafted)
 
     def rejected(self) -> None:
         self.m.inc("specmoe_requests", outcome="rejected")
