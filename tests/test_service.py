@@ -173,6 +173,15 @@ def test_cancelling_a_request_frees_its_slot_for_a_queued_one(client, reference)
     wait_idle(client)
 
 
+def test_a_stream_closed_early_aborts_its_request(client):
+    stream = client.stream("ROMEO:", GenerationParams(max_new_tokens=200, ignore_eos=True))
+    first = next(stream)
+    stream.close()  # the client goes away
+    held = ray.get(client.coordinator.result.remote(first.request_id))
+    assert held.finished and held.finish_reason == "abort" and len(held.token_ids) < 200
+    wait_idle(client)
+
+
 def test_killing_an_expert_store_mid_generation_loses_no_token(client, reference):
     store = client.deployment.stores.handles[0]
     prompts = PROMPTS[:6]
