@@ -142,6 +142,14 @@ class Journal:
     returned (a client retries them with the same id; ``submit`` is idempotent), timing
     metrics (time to first token of a resumed request counts from the restart), and the
     coordinator's counters. Flushed, not fsynced: it survives the process, not the machine.
+
+    Decoders outlive a coordinator and still hold the requests it had placed. A restarted
+    coordinator places every unfinished request again under a new decoder-side id
+    (``{id}@{incarnation}.{n}``); a copy from before the restart is aborted on its decoder the
+    first time it shows up in a round (until then it holds a slot there). The default file
+    lies under the Ray session's folder of the node the coordinator runs on: a coordinator
+    restarted on another machine starts empty unless ``CoordinatorSpec.journal`` names a
+    path both can reach.
     """
 
     def __init__(self, path: str | Path, compact_every: int = 10_000):
