@@ -132,7 +132,7 @@ class Server:
         headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
         if data is None:
             data = json.dumps(body).encode()
-        return requests.post(self.url + path, data=data, headers=headers, timeout=60, **kw)
+        return requests.post(self.url + path, data=data, headers=headers, **({"timeout": 60} | kw))
 
     def openai(self):
         import openai
@@ -231,6 +231,10 @@ def test_streamed_completions_equal_the_client_api_and_end_with_usage(server):
     assert finals[0].model_extra["specmoe"]["rounds"] >= 1
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(want.token_ids)
     assert all(c.usage is None for c in chunks[:-1])
+    raw = server.post(CMPL, {"model": MODEL, "prompt": "JULIET:", "stream": True, **GREEDY})
+    assert raw.headers["content-type"].startswith("text/event-stream")
+    events = [line for line in raw.content.split(b"\n\n") if line]
+    assert events[-1] == b"data: [DONE]" and all(e.startswith(b"data: {") for e in events[:-1])
 
 
 @pytest.mark.cluster
@@ -375,10 +379,26 @@ def test_a_client_that_disconnects_mid_stream_aborts_its_request(server):
     first = next(line for line in lines if line)
     assert first.startswith(b"data: {")
     r.close()  # hang up
+    assert wait_for_abort(server, before) == before + 1
+
+
+def wait_for_abort(server: Server, before: int) -> int:
+    """The coordinator's aborted count once nothing runs any more (well within its own 60 s reaper)."""
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         m = server.metrics()
         if m["aborted"] > before and m["running"] == 0 and m["queued"] == 0:
             break
         time.sleep(0.2)
-    assert m["aborted"] == before + 1 and m["running"] == 0
+    return m["aborted"]
+
+
+@pytest.mark.cluster
+def test_a_client_that_gives_up_on_a_plain_request_aborts_it(server):
+    import requests
+
+    before = server.metrics()["aborted"]
+    body = {"model": MODEL, "prompt": "ROMEO:", "max_tokens": 500, "temperature": 0, "ignore_eos": True}
+    with pytest.raises(requests.exceptions.ReadTimeout):
+        server.post(CMPL, body, timeout=0.3)
+    assert wait_for_abort(server, before) == before + 1

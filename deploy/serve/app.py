@@ -80,6 +80,7 @@ from deploy.serve.protocol import (
     check_prompt_ids,
     max_new_tokens,
     parse_request,
+    specmoe_figures,
 )
 
 MAX_BODY_BYTES = 4 << 20
@@ -110,6 +111,8 @@ class IngressConfig:
                 raise ValueError(f"{key} must be a non-empty string or null, got {value!r}")
         if isinstance(self.max_body_bytes, bool) or not isinstance(self.max_body_bytes, int) or self.max_body_bytes < 1024:
             raise ValueError(f"max_body_bytes must be an integer >= 1024, got {self.max_body_bytes!r}")
+        if isinstance(self.reconnect_s, bool) or not isinstance(self.reconnect_s, (int, float)) or self.reconnect_s <= 0:
+            raise ValueError(f"reconnect_s must be a number of seconds > 0, got {self.reconnect_s!r}")
 
     @classmethod
     def from_args(cls, args: dict) -> IngressConfig:
@@ -281,7 +284,7 @@ class SpecMoEIngress:
                     _raise_if_failed(chunk)
                     if chunk.text:
                         yield _sse(response.chunk(chunk.text, **extra))
-                    yield _sse(response.chunk(None, chunk.finish_reason, specmoe=_figures(chunk), **extra))
+                    yield _sse(response.chunk(None, chunk.finish_reason, specmoe=specmoe_figures(chunk.metrics), **extra))
                     if include_usage:
                         yield _sse(response.usage_chunk(prompt_tokens, tokens))
                 elif chunk.text:
@@ -449,14 +452,9 @@ def _too_large(size: int, limit: int) -> ApiError:
 
 def _raise_if_failed(chunk) -> None:
     if chunk is None or chunk.finish_reason == "error":
-        detail = "no answer" if chunk is None else chunk.error
+        lines = (chunk.error or "").strip().splitlines() if chunk is not None else []
+        detail = lines[-1] if lines else "no answer"  # the error itself, not the remote traceback
         raise ApiError(500, f"the request failed on its decoder: {detail}", "server_error")
-
-
-def _figures(chunk) -> dict:
-    from deploy.serve.protocol import specmoe_figures
-
-    return specmoe_figures(chunk.metrics)
 
 
 def _sse(data: dict) -> str:
