@@ -5,7 +5,7 @@
 
 **Input**, one JSON object a line: ``id`` (a string or an integer, unique in the file), then
 ``prompt`` (text, or a list of token ids) or ``messages`` (chat: ``[{"role", "content"}]``,
-made a prompt by ``deploy.chat.render_chat``, as the Serve app does), and optional
+checked and made a prompt exactly as the Serve app does, ``deploy.serve.protocol``), and optional
 parameters ``max_tokens``, ``temperature``, ``top_p``, ``top_k``, ``seed``, ``stop`` (a
 string or a list of them). Blank lines are skipped.
 
@@ -130,9 +130,17 @@ def parse_line(number: int, text: str, default_max_tokens: int | None = None, to
 
 
 def _chat(messages, tokenizer) -> str:
-    from deploy.chat import render_chat
+    """The Serve app's chat prompt: the same checks of the messages, the same template."""
+    from deploy.serve.protocol import ApiError, chat_prompt, parse_request
 
-    return render_chat(tokenizer() if tokenizer is not None else None, messages)
+    try:  # the model's name does not matter here: only the messages are used
+        checked = parse_request("chat", {"model": "batch", "messages": messages}).messages
+    except ApiError as err:
+        raise ValueError(err.message) from None
+    tokenizer = tokenizer() if tokenizer is not None else None
+    if tokenizer is None:
+        raise ValueError("this model has no tokenizer, so it cannot take chat messages; send a prompt of token ids")
+    return chat_prompt(tokenizer, checked)
 
 
 def _check_prompt(prompt) -> None:

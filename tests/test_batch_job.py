@@ -52,6 +52,7 @@ CHAT = [{"role": "user", "content": "Who is Romeo?"}]
     ('{"id": "a", "prompt": "x", "stop": [""]}', "a", "stop must be a list of non-empty strings"),
     ('{"id": "a", "prompt": "x", "best_of": 2}', "a", "unknown keys best_of"),
     ('{"id": "a", "messages": [{"role": "robot", "content": "hi"}]}', "a", "messages[0].role must be one of"),
+    ('{"id": "a", "messages": []}', "a", "messages must not be empty"),
 ])
 def test_a_bad_line_is_named_by_its_line_number_id_and_problem(text, line_id, words):
     with pytest.raises(BadLine) as err:
@@ -67,7 +68,7 @@ def test_a_good_line_becomes_a_request(shipped_model):
 
     item = parse_line(3, json.dumps({"id": 5, "messages": CHAT, "max_tokens": 8, "temperature": 0.5, "seed": 1,
                                      "stop": "\n"}), tokenizer=lambda: load_tokenizer(shipped_model))
-    assert (item.line, item.id, item.prompt) == (3, 5, "USER: Who is Romeo?\n\nASSISTANT:")
+    assert (item.line, item.id, item.prompt) == (3, 5, "User:\nWho is Romeo?\n\nAssistant:\n")  # the Serve app's template
     assert (item.params.max_new_tokens, item.params.temperature, item.params.seed, item.params.stop) == (8, 0.5, 1, ("\n",))
     assert parse_line(4, '{"id": "x", "prompt": [5, 6]}', default_max_tokens=9).params.max_new_tokens == 9
 
@@ -225,7 +226,7 @@ def test_a_killed_batch_job_resumes_and_writes_every_id_once_with_the_engine_tok
     from specmoe.engine import Engine, load_tokenizer
     from specmoe.sampling import SamplingParams
 
-    from deploy.chat import render_chat
+    from deploy.serve.protocol import chat_prompt
 
     texts = PROMPTS * 3
     good = [{"id": f"p{i}", "prompt": p, "max_tokens": TOKENS} for i, p in enumerate(texts)]
@@ -261,7 +262,7 @@ def test_a_killed_batch_job_resumes_and_writes_every_id_once_with_the_engine_tok
     assert "temperature must be" in by_id["hot"]["error"] and by_id["hot"]["line"] == 4
 
     tokenizer = load_tokenizer(shipped_model)
-    prompts = texts + [render_chat(tokenizer, CHAT), "ROMEO:"]
+    prompts = texts + [chat_prompt(tokenizer, CHAT), "ROMEO:"]
     params = [SamplingParams(max_new_tokens=TOKENS)] * (len(texts) + 1) + [SamplingParams()]
     expected = Engine(EngineConfig(model=str(shipped_model))).generate(prompts, params)
     for g, want in zip(good, expected):
