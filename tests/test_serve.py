@@ -5,7 +5,11 @@ OpenAI's error envelope, and a client that goes away mid-stream freeing its requ
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,6 +121,33 @@ def test_specmoe_serve_refuses_a_port_in_use_before_starting_anything(capsys):
 
 
 # -- on a cluster ------------------------------------------------------------------------------
+
+
+@pytest.mark.cluster
+def test_specmoe_serve_answers_until_ctrl_c(tmp_path):
+    """The command people run: its own local cluster and the app, an answer, Ctrl-C, exit 130."""
+    import requests
+
+    port, log = free_port(), tmp_path / "serve.log"
+    env = os.environ | {"SPECMOE_CACHE": str(tmp_path / "shard-cache")}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "deploy.cli", "serve", "--port", str(port), "--api-key", "k"],
+                                cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=out, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while b"[specmoe] serving" not in log.read_bytes():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+            time.sleep(1)
+        r = requests.post(f"http://127.0.0.1:{port}/v1/completions", headers={"Authorization": "Bearer k"},
+                          json={"model": MODEL, "prompt": "ROMEO:", "max_tokens": 8, "temperature": 0}, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(120) == 130
+        assert "specmoe serve: interrupted" in log.read_text(errors="replace")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # its session: the command and the cluster it started
+            proc.wait()
 
 
 @dataclass
