@@ -215,6 +215,6 @@ def test_requests_join_while_others_draft(checkpoints):
         if not engine.has_unfinished():
             break
     assert [got[i] for i in ids] == alone
-    assert mixed >= 2  # request 3 joined drafting requests, and request 4 later took a freed slot
+    assert mixed >= 1  # request 3 prefilled in a round in which requests 1 and 2 checked their drafts
     c = engine.counters
     assert c.drafted_tokens > c.accepted_tokens > 0  # drafts were rejected and rolled back too
