@@ -186,9 +186,15 @@ def ray_job(head: RayHead, *args: str, timeout: float = 300) -> subprocess.Compl
 
 
 def submit(head: RayHead, job_id: str, spec: Path, src: Path, out: Path, *extra: str, wait: bool = True):
-    return ray_job(head, "submit", "--address", head.dashboard, "--working-dir", ".", "--submission-id", job_id,
-                   *([] if wait else ["--no-wait"]), "--", "python", "-m", "deploy.batch", "--spec", str(spec),
-                   "--input", str(src), "--output", str(out), *extra)
+    deadline = time.monotonic() + 60
+    while True:
+        done = ray_job(head, "submit", "--address", head.dashboard, "--working-dir", ".", "--submission-id", job_id,
+                       *([] if wait else ["--no-wait"]), "--", "python", "-m", "deploy.batch", "--spec", str(spec),
+                       "--input", str(src), "--output", str(out), *extra)
+        # a head that has just started may not have its job agent up yet
+        if "No available agent" not in done.stdout + done.stderr or time.monotonic() > deadline:
+            return done
+        time.sleep(2)
 
 
 def job_info(head: RayHead, job_id: str = "") -> dict | list:
