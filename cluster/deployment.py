@@ -24,6 +24,7 @@ from pathlib import Path
 
 from cluster.placement import Placement, plan_placement
 from specmoe.config import SHIPPED_MODEL, DecoderConfig, EngineConfig
+from specmoe.link import LinkConfig
 
 TRANSPORT_KINDS = ("ray", "grpc")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -94,21 +95,32 @@ class StoreSpec:
 class TransportSpec:
     """How decoders fetch experts: the Ray object store or gRPC (with optional token and TLS).
 
-    ``verify`` checks every received expert against the manifest's CRC-32. ``root_cert`` is
+    ``verify`` checks every received expert against the manifest's CRC-32. ``link`` puts every
+    decoder's source (and the driver's) behind an emulated link (bandwidth, latency, FIFO
+    queue; ``specmoe.link``). ``root_cert`` is
     the certificate clients trust (None: ``tls_cert`` itself, for a self-signed store
     certificate); ``server_name`` overrides the name checked against it.
     """
 
     kind: str = "ray"
     verify: bool = True
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)  # a secret: kept out of logs
     tls_cert: str | None = None
     tls_key: str | None = None
     root_cert: str | None = None
     server_name: str | None = None
     chunk_bytes: int = 1 << 20  # gRPC message payload
+    link: LinkConfig | None = None  # an emulated link in front of every decoder's source (specmoe.link)
 
     def __post_init__(self):
+        if isinstance(self.link, dict):
+            values = _known(self.link, LinkConfig, "transport.link")
+            try:
+                self.link = LinkConfig(**values)
+            except ValueError as err:
+                raise ValueError(f"transport.link: {err}") from None
+        if self.link is not None and not isinstance(self.link, LinkConfig):
+            raise ValueError(f"transport.link must be a mapping (gbps, latency_us, queue) or null, got {self.link!r}")
         if self.kind not in TRANSPORT_KINDS:
             raise ValueError(f"transport.kind must be one of {', '.join(TRANSPORT_KINDS)}, got {self.kind!r}")
         if not isinstance(self.verify, bool):
@@ -353,7 +365,7 @@ class StoreSet:
 
         grpc = transport.grpc_config() if transport.kind == "grpc" else None
         return SourceSpec(transport.kind, tuple(self.names), self.namespace, dict(self.placement.owners),
-                          grpc=grpc, verify=transport.verify)
+                          grpc=grpc, verify=transport.verify, link=transport.link)
 
     def ray_source(self, verify: bool = True):
         from actors.ray_source import RaySource

@@ -7,6 +7,7 @@ generated text goes to standard output; diagnostics and statistics go to standar
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -24,17 +25,32 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def add_decoder_arguments(parser: argparse.ArgumentParser) -> None:
     from specmoe.config import DRAFT_POLICIES, MODES
 
-    parser.add_argument("--mode", choices=MODES, default="resident", help="where experts live and how transfers are hidden")
-    parser.add_argument("--draft-policy", choices=DRAFT_POLICIES, default="shadow", help="how specmoe drafts without moving bytes")
-    parser.add_argument("--k", default="auto", help="draft tokens per round: an integer or 'auto' (default)")
-    parser.add_argument("--k-max", type=int, default=4)
-    parser.add_argument("--cache-budget", default="25%",
+    from specmoe.config import DecoderConfig
+
+    default = DecoderConfig()  # the defaults live there, once
+    parser.add_argument("--mode", choices=MODES, default=default.mode, help="where experts live and how transfers are hidden")
+    parser.add_argument("--draft-policy", choices=DRAFT_POLICIES, default=default.draft_policy,
+                        help="how specmoe drafts without moving bytes")
+    parser.add_argument("--k", default=str(default.k), help=f"draft tokens per round: an integer or 'auto' (default {default.k})")
+    parser.add_argument("--k-max", type=int, default=default.k_max)
+    parser.add_argument("--cache-budget", default=str(default.cache_budget),
                         help="expert cache: a fraction of the expert bytes (25%% or 0.25) or a size (64MB, 1.5GiB, 1000000B)")
     parser.add_argument("--profile", default=None, help="routing profile (from `specmoe profile`) whose hottest experts are pinned")
     parser.add_argument("--experts", choices=["local", "ray", "grpc"], default="local",
                         help="where non-resident experts come from: in-process, an ExpertStore over Ray, or over gRPC")
     parser.add_argument("--remote-compute", action="store_true",
                         help="run a missed expert with few tokens on its store (needs --experts grpc)")
+    parser.add_argument("--grpc-token", default=None,
+                        help="bearer token the expert stores require and the decoder sends (needs --experts grpc)")
+    parser.add_argument("--grpc-tls-cert", default=None, help="PEM certificate the stores serve gRPC with (needs --grpc-tls-key)")
+    parser.add_argument("--grpc-tls-key", default=None, help="PEM private key of --grpc-tls-cert")
+    parser.add_argument("--link-gbps", type=float, default=None,
+                        help="put the experts behind an emulated link of this bandwidth, in GB/s (one FIFO per decoder)")
+    parser.add_argument("--link-latency-us", type=float, default=None,
+                        help="the emulated link's latency per request, in microseconds (default 0)")
+    parser.add_argument("--link-r", type=float, default=None,
+                        help="set the emulated link's bandwidth from R: moving one token's active expert bytes takes "
+                             "R resident decode steps (batch 1, measured here); real deployments sit at R = 30 to 250")
     parser.set_defaults(check=check_decoder_arguments)
 
 
@@ -46,6 +62,39 @@ def check_decoder_arguments(args: argparse.Namespace) -> None:
     if args.remote_compute and (args.experts != "grpc" or args.mode == "resident"):
         raise ValueError(f"--remote-compute needs --experts grpc and a mode that fetches experts, "
                          f"got --experts {args.experts} --mode {args.mode}")
+    grpc_flags = [f for f, v in [("--grpc-token", args.grpc_token), ("--grpc-tls-cert", args.grpc_tls_cert),
+                                 ("--grpc-tls-key", args.grpc_tls_key)] if v is not None]
+    if grpc_flags and args.experts != "grpc":
+        raise ValueError(f"{', '.join(grpc_flags)} secure the gRPC transport and need --experts grpc, got --experts {args.experts}")
+    if (args.grpc_tls_cert is None) != (args.grpc_tls_key is None):
+        raise ValueError("--grpc-tls-cert and --grpc-tls-key go together (PEM files): give both or neither")
+    link_flags = [f for f, v in (("--link-gbps", args.link_gbps), ("--link-latency-us", args.link_latency_us),
+                                 ("--link-r", args.link_r)) if v is not None]
+    if link_flags and args.mode == "resident":
+        raise ValueError(f"{link_flags[0]} has no effect with --mode resident (no expert crosses a link); "
+                         "choose --mode ondemand, pregate or specmoe")
+    if args.link_gbps is not None and args.link_r is not None:
+        raise ValueError(f"--link-gbps {args.link_gbps} and --link-r {args.link_r} both set the link's bandwidth; give one")
+    for flag, value, allowed in (("--link-gbps", args.link_gbps, "GB/s > 0"), ("--link-r", args.link_r, "a number > 0"),
+                                 ("--link-latency-us", args.link_latency_us, "microseconds >= 0")):
+        if value is not None and not (math.isfinite(value) and (value >= 0 if flag == "--link-latency-us" else value > 0)):
+            raise ValueError(f"{flag} must be {allowed}, got {value}")
+
+
+def link_config(args: argparse.Namespace):
+    """The emulated link the flags ask for (None: none). With ``--link-r`` the bandwidth is set
+    from this machine's resident step and the model's active expert bytes, and printed."""
+    from specmoe.link import LinkConfig, link_for_r
+
+    if args.link_gbps is None and args.link_latency_us is None and args.link_r is None:
+        return None
+    gbps = args.link_gbps
+    if args.link_r is not None:
+        c = link_for_r(args.model, args.link_r, args.dtype)
+        gbps = c.gbps
+        print(f"[specmoe] link at R={c.r:g}: resident step {1000 * c.step_s:.2f} ms at batch 1, "
+              f"{c.active_bytes} active expert bytes per token -> {gbps:.4g} GB/s", file=sys.stderr)
+    return LinkConfig(gbps=gbps, latency_us=args.link_latency_us or 0.0)
 
 
 def decoder_config(args: argparse.Namespace):
@@ -98,8 +147,14 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.experts != "local":
         return generate_on_cluster(args, params)
     config = EngineConfig(model=args.model, dtype=args.dtype, max_batch_size=1, decoder=decoder_config(args))
+    link, fetch = link_config(args), None
+    if link is not None:
+        from specmoe.link import EmulatedLink
+        from specmoe.offload import checkpoint_fetcher
+
+        fetch = EmulatedLink(checkpoint_fetcher(args.model), link)
     started = time.perf_counter()
-    engine = Engine(config)
+    engine = Engine(config, fetch=fetch)
     loaded = time.perf_counter()
     detok = IncrementalDetokenizer(engine.tokenizer)
     n = 0
@@ -110,7 +165,8 @@ def run_generate(args: argparse.Namespace) -> int:
     sys.stdout.write(detok.flush() + "\n")
     wall = time.perf_counter() - loaded
     print(f"[specmoe] model loaded in {loaded - started:.2f}s", file=sys.stderr)
-    print_metrics(summarize(engine, n, wall))
+    link_figures = {k: v for k, v in fetch.metrics.snapshot().items() if k.startswith("link_")} if fetch else {}
+    print_metrics(summarize(engine, n, wall) | link_figures)
     return 0
 
 
@@ -123,7 +179,8 @@ def generate_on_cluster(args: argparse.Namespace, params) -> int:
 
     spec = DeploymentSpec(
         model=ModelSpec(path=args.model, dtype=args.dtype),
-        transport=TransportSpec(kind=args.experts),
+        transport=TransportSpec(kind=args.experts, token=args.grpc_token, tls_cert=args.grpc_tls_cert,
+                                tls_key=args.grpc_tls_key, link=link_config(args)),
         decoders=DecodersSpec(count=1, config=decoder_config(args)),
     )
     started = time.perf_counter()

@@ -97,6 +97,9 @@ def test_the_benchmark_takes_the_same_budget_syntax(capsys):
     (["--remote-compute", "--mode", "specmoe", "--experts", "ray"], ["--remote-compute", "--experts grpc"]),
     (["--remote-compute", "--mode", "ondemand"], ["--remote-compute", "--experts local"]),
     (["--remote-compute", "--mode", "resident"], ["--remote-compute", "--mode resident"]),
+    (["--grpc-token", "t", "--mode", "ondemand", "--experts", "ray"], ["--grpc-token", "--experts grpc"]),
+    (["--grpc-tls-cert", "c.pem", "--grpc-tls-key", "k.pem", "--mode", "ondemand"], ["--grpc-tls-cert", "--experts grpc"]),
+    (["--grpc-tls-cert", "c.pem", "--mode", "ondemand", "--experts", "grpc"], ["--grpc-tls-cert and --grpc-tls-key"]),
 ])
 def test_flags_that_would_be_ignored_are_refused_before_anything_starts(flags, needles, capsys):
     import ray
@@ -131,3 +134,23 @@ def test_ctrl_c_is_one_line_and_exit_130(shipped_model):
         child.kill()
     assert child.returncode == 130
     assert err.strip() == "specmoe generate: interrupted", err
+
+
+def test_grpc_token_and_tls_flags_reach_the_deployment_spec(monkeypatch, capsys):
+    """The flags become the spec's TransportSpec, which build_deployment hands to the stores and to
+    every gRPC client (tests/test_deployment.py checks that path on a cluster)."""
+    import deploy.client
+
+    seen = {}
+
+    def connect(address=None, spec=None):
+        seen["transport"] = spec.transport
+        raise ValueError("stop before a cluster starts")
+
+    monkeypatch.setattr(deploy.client, "connect", connect)
+    flags = ["--mode", "ondemand", "--experts", "grpc", "--grpc-token", "s3cret",
+             "--grpc-tls-cert", "cert.pem", "--grpc-tls-key", "key.pem"]
+    assert cli([*GENERATE, *flags]) == 2
+    t = seen["transport"]
+    assert (t.kind, t.token, t.tls_cert, t.tls_key) == ("grpc", "s3cret", "cert.pem", "key.pem")
+    assert "s3cret" not in repr(t)  # the token stays out of logs
