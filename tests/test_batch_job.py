@@ -174,9 +174,10 @@ def ray_head(tmp_path_factory):
 
 
 def write_spec(path: Path, model: Path) -> Path:
-    # max_batch_per_decoder=2 < --window: requests wait in the queue, so the batch is really continuous
+    # max_batch_per_decoder=2 < --window: requests wait in the queue, so the batch is really continuous;
+    # max_queue=2: a window of more than 4 meets Overloaded, and submits again
     spec = {"name": "batchjob", "namespace": "batchjob", "model": {"path": str(model)},
-            "decoders": {"max_batch_size": 2}, "coordinator": {"max_batch_per_decoder": 2}}
+            "decoders": {"max_batch_size": 2}, "coordinator": {"max_batch_per_decoder": 2, "max_queue": 2}}
     path.write_text(json.dumps(spec))
     return path
 
@@ -304,10 +305,13 @@ def test_the_metrics_endpoint_shows_every_documented_metric_with_a_value(ray_hea
     src.write_text("".join(json.dumps({"id": i, "prompt": p, "max_tokens": TOKENS}) + "\n" for i, p in enumerate(PROMPTS)))
     spec = write_spec(tmp_path / "spec.json", shipped_model)
     job = submit(ray_head, "batch-metrics", spec, src, out, wait=False)
-    assert job.returncode == 0, job.stderr[-3000:]
+    assert job.returncode == 0, job.stderr[-3000:]  # --window 64 meets Overloaded (max_queue=2) and retries
     seen: dict[str, float] = {}
 
     def all_seen() -> bool:
+        if job_status(ray_head, "batch-metrics") in ("FAILED", "STOPPED"):
+            logs = ray_job(ray_head, "logs", "--address", ray_head.dashboard, "batch-metrics")
+            raise RuntimeError(f"the batch job failed:\n{logs.stdout[-3000:]}")
         for name, value in scrape(ray_head.metrics).items():
             if name in wanted:
                 seen[name] = max(value, seen.get(name, 0.0))
@@ -320,4 +324,7 @@ def test_the_metrics_endpoint_shows_every_documented_metric_with_a_value(ray_hea
         raise AssertionError(f"no non-zero value for {missing} (seen: {seen})") from None
     wait_for(lambda: job_status(ray_head, "batch-metrics") not in ("PENDING", "RUNNING"), 180, "the job to end")
     assert job_status(ray_head, "batch-metrics") == "SUCCEEDED"
-    assert len(lines_of(out)) == len(PROMPTS)
+    assert sorted(json.loads(line)["id"] for line in lines_of(out)) == list(range(len(PROMPTS)))
+    text = urllib.request.urlopen(ray_head.metrics, timeout=10).read().decode()
+    rejected = [line for line in text.splitlines() if line.startswith("ray_specmoe_requests_total{") and 'outcome="rejected"' in line]
+    assert rejected and float(rejected[0].rsplit(" ", 1)[1]) > 0  # the job met Overloaded, and still wrote every id once
