@@ -30,7 +30,14 @@ appears exactly once.
 
 **Continuously batched.** Up to ``--window`` requests are in flight at once (new ones are
 submitted as others finish; ``Overloaded`` is retried after a pause), and the coordinator
-batches them onto its decoders. Progress goes to stderr (the job's logs).
+batches them onto its decoders. Progress goes to stderr (the job's logs). A stopped job
+(``ray job stop``, SIGTERM) aborts its requests in flight before it exits.
+
+**The deployment** is the spec's: started by the first run (``build_deployment``: detached
+named actors, which outlive the job) and attached to by later runs, or by a Serve app of the
+same spec. Give the spec an absolute ``model.path``: a path inside the job's uploaded working
+directory changes with the directory's contents, and a decoder is only attached to when its
+configuration (the model path included) is the spec's.
 """
 
 from __future__ import annotations
