@@ -19,7 +19,6 @@ from cluster.local import ClusterSpec, LocalCluster
 from actors.decoder import decoder_actor
 from actors.expert_store import store_actor
 from specmoe.config import DecoderConfig, EngineConfig
-from specmoe.expert_source import ExpertUnavailableError
 from specmoe.models import model_class
 from specmoe.sampling import SamplingParams
 from specmoe.shards import PrepareConfig, prepare
@@ -144,7 +143,8 @@ def wait_until_restarted(handle, old_pid: int, timeout_s: float = 60.0) -> bool:
     return False
 
 
-def test_without_a_replica_a_clear_error_then_success_after_restart(cluster, shipped_model, shards, expected):
+def test_without_a_replica_a_restarted_store_is_asked_again(cluster, shipped_model, shards, expected):
+    """(Faults while it restarts: tests/test_transport_faults.py.)"""
     deployment = deploy_stores(shipped_model, shards, "restart", count=1, max_restarts=1)
     stores = deployment.stores
     source = stores.ray_source()
@@ -152,8 +152,7 @@ def test_without_a_replica_a_clear_error_then_success_after_restart(cluster, shi
     old_pid = ray.get(stores.handles[0].health.remote())["pid"]
     ray.kill(stores.handles[0], no_restart=False)  # crash: Ray restarts it, its objects are gone
     assert wait_until_restarted(stores.handles[0], old_pid)  # restarted and published again
-    with pytest.raises(ExpertUnavailableError, match=r"expert 4 of layer 0: no store holding it answered"):
-        source.fetch(0, [4])[4].result()  # the cached references died with the old process
-    source.refresh()
+    # the cached references died with the old process: the store answers a probe, so it is asked again
     assert torch.equal(source.fetch(0, [4])[4].result()[0], expected[(0, 4)][0])
+    assert source.metrics.failovers == 1 and not source.down
     deployment.shutdown()

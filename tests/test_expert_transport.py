@@ -58,7 +58,7 @@ def test_received_bytes_are_checked_against_the_manifest(shards):
         checked = GrpcSource([f"127.0.0.1:{port}"])
         with pytest.raises(CorruptShardError, match=r"layer 2 expert 1 tensor 'down'"):
             checked.fetch(2, [1])[1].result()
-        unchecked = GrpcSource([f"127.0.0.1:{port}"], GrpcConfig(chunk_bytes=4096), verify=False)
+        unchecked = GrpcSource([f"127.0.0.1:{port}"], GrpcConfig(chunk_bytes=96 << 10), verify=False)
         gate_up, down = unchecked.fetch(2, [1])[1].result()  # a chunk size other than the server's: encoded per call
         assert torch.equal(down, table.tensors[(2, 1)]["down"])
         assert torch.equal(gate_up, ShardReader(shards).read(2, 1)[0])
@@ -72,8 +72,8 @@ def test_grpc_fails_over_to_a_replica_and_names_what_no_store_answered(shards):
     table = ExpertTable(shards, keys=[(0, e) for e in range(8)])
     servers = [serve_experts(table, ServerConfig()) for _ in range(2)]
     addresses = [f"127.0.0.1:{port}" for _, port in servers]
-    replicated = GrpcSource(addresses, GrpcConfig(timeout_s=5), owners={(0, e): (0, 1) for e in range(8)})
-    single = GrpcSource(addresses[:1], GrpcConfig(timeout_s=5))  # owners learned from the Manifest
+    replicated = GrpcSource(addresses, GrpcConfig(deadline_s=5), owners={(0, e): (0, 1) for e in range(8)})
+    single = GrpcSource(addresses[:1], GrpcConfig(deadline_s=5))  # owners learned from the Manifest
     assert set(single.owners) == {(0, e) for e in range(8)}
     try:
         servers[0][0].stop(grace=None)  # the primary does not answer any more
