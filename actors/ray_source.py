@@ -77,6 +77,8 @@ class _Batch:
         if self.results is not None:
             return True
         flat = [r for held in self.held.values() for r in held.refs.values()]
+        if not flat:
+            return True  # every expert of it is unavailable: result() raises at once
         try:
             ready, _ = ray.wait(flat, num_returns=len(flat), timeout=0, fetch_local=True)
         except STORE_DOWN:

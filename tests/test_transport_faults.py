@@ -27,17 +27,17 @@ from actors.grpc_source import GrpcConfig, GrpcSource
 from actors.ray_source import RaySource
 from cluster.local import ClusterSpec, LocalCluster
 from cluster.placement import plan_placement
+from protos import expert_service_pb2 as pb2
+from protos import expert_service_pb2_grpc as pb2_grpc
 from specmoe.config import DecoderConfig, EngineConfig
 from specmoe.engine import Engine
 from specmoe.expert_source import ExpertUnavailableError
-from protos import expert_service_pb2 as pb2
-from protos import expert_service_pb2_grpc as pb2_grpc
 from specmoe.models import model_class
 from specmoe.sampling import SamplingParams
 from specmoe.shards import EXPERT_TENSORS, PrepareConfig, ShardReader, prepare
 from specmoe.weights import Checkpoint, ExpertReader
 
-RESTART_S = 3.0  # how much longer a restart takes than a start (tests/test_transport_faults.py::SlowRestartStore)
+RESTART_S = 3.0  # how much longer a SlowRestartStore takes to restart than to start
 FAST = dict(timeout_s=10.0, probe_timeout_s=0.5, retry_after_s=1.0)  # short waits: a test should not sit out 30 s
 
 
