@@ -292,8 +292,8 @@ def test_a_hung_primary_costs_one_derived_deadline_then_is_skipped_until_a_probe
     servers = [serve_experts(table, ServerConfig())[0] for _ in range(2)]
     proxy = FreezableProxy(servers[0].port)
     layer_bytes = sum(table.expert_bytes((0, e)) for e in range(8))
-    cfg = GrpcConfig(deadline_s=0.25, floor_bytes_per_s=layer_bytes / 1.0, retry_after_s=1.0, probe_timeout_s=0.5)
-    deadline = cfg.deadline(layer_bytes)  # 1.25 s for layer 0 from one store
+    cfg = GrpcConfig(deadline_s=0.5, floor_bytes_per_s=layer_bytes / 2.0, retry_after_s=1.0, probe_timeout_s=0.5)
+    deadline = cfg.deadline(layer_bytes)  # 2.5 s for a layer from one store
     source = GrpcSource([f"127.0.0.1:{proxy.port}", f"127.0.0.1:{servers[1].port}"], cfg,
                         owners={(layer, e): (0, 1) for layer in range(4) for e in range(8)})
     try:
@@ -303,12 +303,12 @@ def test_a_hung_primary_costs_one_derived_deadline_then_is_skipped_until_a_probe
         proxy.flowing.clear()  # the primary hangs
         got, took = timed(lambda: fetch_all(source, 0))
         assert all(torch.equal(got[e][0], expected[(0, e)][0]) for e in range(8))  # from the replica
-        assert deadline <= took < deadline + 1.0
+        assert deadline <= took < deadline + 1.5
         assert source.metrics.failovers == 1 and source.breakers[0].open
 
         got, took = timed(lambda: fetch_all(source, 2))  # the hung primary is skipped at once
         assert all(torch.equal(got[e][1], expected[(2, e)][1]) for e in range(8))
-        assert took < cfg.deadline_s and source.metrics.failovers == 1
+        assert took < deadline / 2 and source.metrics.failovers == 1
 
         proxy.flowing.set()  # it answers again
         time.sleep(cfg.retry_after_s)
@@ -334,7 +334,7 @@ def test_with_every_holder_down_the_error_names_them_at_once(table):
         started = time.perf_counter()
         with pytest.raises(ExpertUnavailableError, match=r"skipped, failed within the last 60 s: \['127"):
             source.fetch(0, [0])[0].result()
-        assert time.perf_counter() - started < 0.1  # the breaker answers, not the network
+        assert time.perf_counter() - started < 0.5 and source.metrics.failovers == 1  # the breaker answered
     finally:
         source.close()
 
