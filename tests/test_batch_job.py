@@ -328,3 +328,27 @@ def test_the_metrics_endpoint_shows_every_documented_metric_with_a_value(ray_hea
     text = urllib.request.urlopen(ray_head.metrics, timeout=10).read().decode()
     rejected = [line for line in text.splitlines() if line.startswith("ray_specmoe_requests_total{") and 'outcome="rejected"' in line]
     assert rejected and float(rejected[0].rsplit(" ", 1)[1]) > 0  # the job met Overloaded, and still wrote every id once
+
+
+def series_sum(url: str, name: str, label: str) -> float:
+    """The sum over the series of ``name`` that carry ``label`` (``outcome="abort"``)."""
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{") and label in line)
+
+
+@pytest.mark.cluster
+def test_a_stopped_batch_job_aborts_its_requests_in_flight(ray_head, tmp_path, shipped_model):
+    src, out = tmp_path / "prompts.jsonl", tmp_path / "results.jsonl"
+    src.write_text("".join(json.dumps({"id": i, "prompt": p, "max_tokens": 64}) + "\n" for i, p in enumerate(PROMPTS * 3)))
+    spec = write_spec(tmp_path / "spec.json", shipped_model)
+    aborted = series_sum(ray_head.metrics, "ray_specmoe_requests_total", 'outcome="abort"')
+    job = submit(ray_head, "batch-stopped", spec, src, out, "--window", "4", wait=False)
+    assert job.returncode == 0, job.stderr[-3000:]
+    wait_for(lambda: len(lines_of(out)) >= 1, 240, "the first result")
+    stopped = ray_job(ray_head, "stop", "--address", ray_head.dashboard, "batch-stopped")
+    assert stopped.returncode == 0 and job_status(ray_head, "batch-stopped") == "STOPPED", stopped.stderr[-3000:]
+    assert len(lines_of(out)) < len(PROMPTS) * 3, "the job ended before it was stopped"
+    # the coordinator would abort them by itself only after 60 s without a poll
+    wait_for(lambda: series_sum(ray_head.metrics, "ray_specmoe_requests_total", 'outcome="abort"') > aborted, 20,
+             "the job's requests in flight to be aborted", every_s=0.5)
