@@ -7,9 +7,12 @@ its ``fetch`` function. All experts of one call are requested together and can b
 once. Every source counts bytes, requests and latency in a ``TransportMetrics`` and checks
 received bytes against the manifest's CRC-32 unless ``verify=False``.
 
-The in-process transport, ``LocalSource``, lives here; the ones that cross processes need
-Ray or gRPC and live in ``actors/``: ``RaySource`` (``actors/ray_source.py``) and
-``GrpcSource`` (``actors/grpc_source.py``).
+The in-process transports, ``LocalSource`` (prepared shards) and ``CheckpointSource`` (a
+checkpoint directory), live here; they return at once and read on a small thread pool, like
+every other source. The ones that cross processes need Ray or gRPC and live in
+``actors/``: ``RaySource`` (``actors/ray_source.py``) and ``GrpcSource``
+(``actors/grpc_source.py``). Any source can be put behind an emulated link
+(``specmoe.link.EmulatedLink``).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import bisect
 import threading
 import time
 import zlib
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -88,31 +91,68 @@ def tensor_from_bytes(data, dtype: str, shape: list[int]) -> torch.Tensor:
     return torch.frombuffer(data, dtype=DTYPES[dtype]).reshape(shape)
 
 
-class LocalSource:
-    """Experts read in-process from a prepared directory (checksums checked on read)."""
+class BackgroundReads:
+    """A source that reads in-process on a small thread pool: ``fetch`` returns at once and
+    each expert's future completes when it has been read (and checked), so a draft can run
+    on the shadow copy while exact experts are in flight.
 
-    def __init__(self, shard_dir, verify: bool = True):
-        self.reader = ShardReader(shard_dir)
-        self.verify = verify
+    The reads do no torch compute (file bytes, CRC-32, views): torch work on another thread
+    would start its own OpenMP team, whose spinning slows the decoder's compute.
+    """
+
+    def __init__(self, workers: int = 2):
         self.metrics = TransportMetrics()
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="specmoe-read")
+
+    def read(self, layer: int, expert: int) -> ExpertTensors:
+        raise NotImplementedError
 
     def fetch(self, layer: int, experts: list[int]) -> dict[int, Future]:
-        out = {}
-        started = time.perf_counter()
-        nbytes = 0
-        for e in experts:
-            future: Future = Future()
-            try:
-                pair = self.reader.read(layer, e, self.verify)
-                nbytes += pair[0].nbytes + pair[1].nbytes
-                future.set_result(pair)
-            except (KeyError, CorruptShardError) as err:
-                future.set_exception(err)
-            out[e] = future
-        self.metrics.record(nbytes, len(experts), time.perf_counter() - started)
-        return out
+        futures: dict[int, Future] = {e: Future() for e in experts}
+        self.pool.submit(self._deliver, layer, experts, futures, time.perf_counter())
+        return futures
 
-    __call__ = fetch
+    def __call__(self, layer: int, experts: list[int]) -> dict[int, Future]:
+        return self.fetch(layer, experts)
+
+    def _deliver(self, layer: int, experts: list[int], futures: dict[int, Future], started: float) -> None:
+        for i, e in enumerate(experts):
+            try:
+                pair = self.read(layer, e)
+            except Exception as err:  # noqa: BLE001 -- the caller's future raises it
+                futures[e].set_exception(err)
+                continue
+            self.metrics.record(pair[0].nbytes + pair[1].nbytes, 1, time.perf_counter() - started, calls=int(i == 0))
+            futures[e].set_result(pair)
 
     def close(self) -> None:
-        pass
+        self.pool.shutdown(wait=True)
+
+
+class LocalSource(BackgroundReads):
+    """Experts read in-process from a prepared directory (checksums checked on read, in the background)."""
+
+    def __init__(self, shard_dir, verify: bool = True, workers: int = 2):
+        self.reader = ShardReader(shard_dir)
+        self.verify = verify
+        super().__init__(workers)
+
+    def read(self, layer: int, expert: int) -> ExpertTensors:
+        return self.reader.read(layer, expert, self.verify)
+
+
+class CheckpointSource(BackgroundReads):
+    """Experts read in-process from a Hugging Face checkpoint directory, in the background."""
+
+    def __init__(self, model_dir, workers: int = 2):
+        from specmoe.loader import read_config
+        from specmoe.models import model_class
+        from specmoe.weights import Checkpoint, ExpertReader
+
+        table = model_class(read_config(model_dir).model_type).checkpoint_names
+        self.reader = ExpertReader(Checkpoint(model_dir), table)
+        super().__init__(workers)
+
+    def read(self, layer: int, expert: int) -> ExpertTensors:
+        return self.reader.read(layer, expert)
+

@@ -345,16 +345,12 @@ def completed(value) -> Future:
 def checkpoint_fetcher(model_dir) -> FetchFn:
     """An in-process source: experts read from the checkpoint directory when requested.
 
-    Reads are synchronous on purpose: torch work on a second thread makes its own OpenMP
-    team, whose spinning threads slow the decoder's compute on a small machine.
+    ``fetch`` returns at once; a small thread pool reads (``CheckpointSource``), so a draft
+    runs on the shadow copy while exact experts are in flight.
     """
-    from specmoe.loader import read_config
-    from specmoe.models import model_class
-    from specmoe.weights import Checkpoint, ExpertReader
+    from specmoe.expert_source import CheckpointSource
 
-    table = model_class(read_config(model_dir).model_type).checkpoint_names
-    reader = ExpertReader(Checkpoint(model_dir), table)
-    return lambda layer, experts: {e: completed(reader.read(layer, e)) for e in experts}
+    return CheckpointSource(model_dir)
 
 
 def attach_runtime(model, fetch: FetchFn, config, device: torch.device | str = "cpu", compute=None) -> ExpertRuntime:

@@ -196,6 +196,15 @@ def _render(row: WeightName, param_name: str, expert: int) -> str:
 EXPERT_PARAM = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
 
 
+def cat_rows(parts: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(parts, dim=0)`` for 2-D tensors of one dtype, through numpy: sources read
+    experts on background threads, where a torch kernel would start its own OpenMP team."""
+    import numpy as np
+
+    raw = [p.contiguous().view(torch.uint8).numpy() for p in parts]  # [rows, cols * itemsize] each
+    return torch.from_numpy(np.concatenate(raw, axis=0)).view(parts[0].dtype)
+
+
 class ExpertReader:
     """Reads one routed expert at a time from a checkpoint, in the engine's layout:
     ``(gate_up [2I, H], down [H, I])``, whichever naming the checkpoint uses.
@@ -236,4 +245,4 @@ class ExpertReader:
         tensors = self.checkpoint.read(list(parts.values()))
         if param == "down_proj":
             return tensors[parts["expert"]]
-        return torch.cat([tensors[parts["gate"]], tensors[parts["up"]]], dim=0)
+        return cat_rows([tensors[parts["gate"]], tensors[parts["up"]]])
