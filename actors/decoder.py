@@ -61,6 +61,7 @@ class SourceSpec:
     addresses: tuple[str, ...] = ()
     grpc: object | None = None  # actors.grpc_source.GrpcConfig
     verify: bool = True
+    link: object | None = None  # specmoe.link.LinkConfig: the source is built behind an emulated link
 
     def __post_init__(self):
         if self.kind not in SOURCE_KINDS:
@@ -69,7 +70,16 @@ class SourceSpec:
             raise ValueError("a source needs store actor names (or, for grpc, addresses)")
 
     def build(self):
-        """A new ``RaySource`` or ``GrpcSource`` over the stores as they are now."""
+        """A new ``RaySource`` or ``GrpcSource`` over the stores as they are now (behind an
+        ``EmulatedLink`` when ``link`` is set)."""
+        source = self._transport()
+        if self.link is None:
+            return source
+        from specmoe.link import EmulatedLink
+
+        return EmulatedLink(source, self.link)
+
+    def _transport(self):
         handles = [ray.get_actor(name, namespace=self.namespace) for name in self.stores]
         if self.kind == "ray":
             from actors.ray_source import RaySource

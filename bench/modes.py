@@ -47,6 +47,9 @@ class BenchConfig:
     dtype: str = "fp32"
     repeats: int = 2
     out: str = str(REPO / "bench" / "results")
+    link_gbps: float | None = None  # experts behind an emulated link (specmoe.link) of this bandwidth
+    link_latency_us: float | None = None
+    link_r: float | None = None  # or the bandwidth set from R (measured on this machine)
 
 
 LRU = "lru"  # the base rows use LRU; the *-lfu rows compare LFU (the decoder's default) against them
@@ -91,10 +94,18 @@ def run_mode(cfg: BenchConfig, decoder: DecoderConfig, prompts, fetch) -> tuple[
     if engine.runtime is not None:
         engine.runtime.counters = type(engine.runtime.counters)()
         engine.runtime.cache.stats = type(engine.runtime.cache.stats)()
+    if hasattr(fetch, "drain"):
+        fetch.drain()  # what an earlier run left on the emulated link is not this run's
+    link = getattr(fetch, "metrics", None) if decoder.mode != "resident" else None
+    link = link if hasattr(link, "busy_until") else None
     started = time.perf_counter()
+    busy = link.busy_until(started) if link else 0.0
     outs = engine.generate(prompts, params)
     wall = time.perf_counter() - started
-    return [o.token_ids for o in outs], summarize(engine, sum(len(o.token_ids) for o in outs), wall)
+    metrics = summarize(engine, sum(len(o.token_ids) for o in outs), wall)
+    if link is not None:  # the share of this run's wall time the emulated link was carrying bytes
+        metrics["link_utilisation"] = (link.busy_until(time.perf_counter()) - busy) / wall
+    return [o.token_ids for o in outs], metrics
 
 
 def run_transformers(cfg: BenchConfig, prompts) -> tuple[list[list[int]], dict]:
@@ -124,9 +135,10 @@ def run(cfg: BenchConfig) -> dict:
     results_dir.mkdir(parents=True, exist_ok=True)
     profile = make_profile(cfg, results_dir / f"profile-{Path(cfg.model).name}.json")
     prompts_all = validation_prompts(load_tokenizer(cfg.model), max(cfg.batch_sizes), cfg.prompt_len)
+    link, link_info = bench_link(cfg)
     rows = []
     for transport in cfg.experts:
-        with remote_experts(cfg.model, transport) as fetch:
+        with remote_experts(cfg.model, transport, link=link) as fetch:
             for batch in cfg.batch_sizes:
                 prompts = prompts_all[:batch]
                 reference, metrics = max((run_transformers(cfg, prompts) for _ in range(cfg.repeats)),
@@ -142,8 +154,25 @@ def run(cfg: BenchConfig) -> dict:
                     row = {"transport": transport, "batch": batch, "mode": name, "exact": tokens == resident, **metrics}
                     rows.append(row)
                     print(f"[bench] {transport} B={batch:<3} {name:<22} {metrics['tokens_per_s']:8.1f} tok/s", file=sys.stderr)
-    config = {**asdict(cfg), "model": repo_relative(cfg.model), "out": repo_relative(cfg.out)}
+    config = {**asdict(cfg), "model": repo_relative(cfg.model), "out": repo_relative(cfg.out), "link": link_info}
     return {"config": config, "machine": machine_info(), "command": command_line(), "rows": rows}
+
+
+def bench_link(cfg: BenchConfig):
+    """The emulated link of ``--link-gbps`` / ``--link-r`` (None: the raw link), and what was chosen."""
+    from specmoe.link import LinkConfig, link_for_r
+
+    if cfg.link_gbps is None and cfg.link_r is None and cfg.link_latency_us is None:
+        return None, None
+    if cfg.link_gbps is not None and cfg.link_r is not None:
+        raise ValueError(f"--link-gbps {cfg.link_gbps} and --link-r {cfg.link_r} both set the bandwidth; give one")
+    info = {"gbps": cfg.link_gbps, "latency_us": cfg.link_latency_us or 0.0}
+    if cfg.link_r is not None:
+        c = link_for_r(cfg.model, cfg.link_r, cfg.dtype)
+        info |= {"gbps": c.gbps, "r": c.r, "resident_step_s": c.step_s, "active_expert_bytes": c.active_bytes}
+        print(f"[bench] link at R={c.r:g}: resident step {1000 * c.step_s:.2f} ms at batch 1, {c.active_bytes} "
+              f"active expert bytes per token -> {c.gbps:.4g} GB/s", file=sys.stderr)
+    return LinkConfig(gbps=info["gbps"], latency_us=info["latency_us"]), info
 
 
 def ratio(rows, transport, batch, a, b, key="tokens_per_s") -> float:
@@ -154,12 +183,17 @@ def ratio(rows, transport, batch, a, b, key="tokens_per_s") -> float:
 def markdown(report: dict) -> str:
     rows = report["rows"]
     cols = ["tokens_per_s", "expert_bytes_per_token", "fetch_requests_per_token", "mean_accepted_per_round",
-            "acceptance_rate", "prediction_recall", "prediction_precision", "cache_hit_rate", "stall_s"]
+            "acceptance_rate", "prediction_recall", "prediction_precision", "cache_hit_rate", "stall_s", "link_utilisation"]
+    link = report["config"].get("link")
+    link_line = ("Link: the raw one (no emulation)." if not link else
+                 f"Link: emulated, {link['gbps']:.4g} GB/s" + (f" (R = {link['r']:g})" if "r" in link else "")
+                 + f", {link['latency_us']:g} us per request, one FIFO per decoder.")
     lines = [f"# Modes side by side: {Path(report['config']['model']).name}", "",
              f"Command: `{report['command']}`", "",
              f"Machine: {report['machine']['cpu']}, {report['machine']['torch_threads']} threads, torch {report['machine']['torch']}, "
              f"{report['machine']['date']}. Cache budget {report['config']['cache_budget']:.0%} of expert bytes; "
-             f"{report['config']['new_tokens']} new tokens per prompt of {report['config']['prompt_len']} tokens; dtype {report['config']['dtype']}.", ""]
+             f"{report['config']['new_tokens']} new tokens per prompt of {report['config']['prompt_len']} tokens; dtype {report['config']['dtype']}.", "",
+             link_line, ""]
     for transport in dict.fromkeys(r["transport"] for r in rows):
         lines += [f"## Experts over `{transport}`", "", "| batch | mode | exact | " + " | ".join(cols) + " |",
                   "|" + "---|" * (len(cols) + 3)]
@@ -238,6 +272,10 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--repeats", type=int, default=2, help="runs per mode; the fastest is reported")
     parser.add_argument("--out", default=str(REPO / "bench" / "results"))
+    parser.add_argument("--link-gbps", type=float, default=None, help="experts behind an emulated link of this bandwidth (GB/s)")
+    parser.add_argument("--link-latency-us", type=float, default=None, help="the emulated link's latency per request (us)")
+    parser.add_argument("--link-r", type=float, default=None,
+                        help="set the emulated link's bandwidth from R (one token's active expert bytes take R resident steps)")
     cfg = BenchConfig(**vars(parser.parse_args(argv)))
     report = run(cfg)
     stem = Path(cfg.out) / f"modes-{Path(cfg.model).name}-{'-'.join(cfg.experts)}"

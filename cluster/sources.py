@@ -42,8 +42,9 @@ def prepared_dir(model_dir) -> Path:
 
 
 @contextlib.contextmanager
-def remote_experts(model_dir, transport: str, verify: bool = False) -> Iterator:
-    """Yield ``fetch(layer, experts)`` for ``model_dir``'s experts over ``transport``.
+def remote_experts(model_dir, transport: str, verify: bool = False, link=None) -> Iterator:
+    """Yield ``fetch(layer, experts)`` for ``model_dir``'s experts over ``transport``, behind
+    an emulated link when ``link`` (a ``specmoe.link.LinkConfig``) is given.
 
     ``ray`` and ``grpc`` start a local cluster with one store node; the caller (the decoder)
     runs on the head node, so every expert crosses between nodes.
@@ -51,15 +52,21 @@ def remote_experts(model_dir, transport: str, verify: bool = False) -> Iterator:
     if transport not in TRANSPORTS:
         raise ValueError(f"unknown experts transport {transport!r}; allowed: {', '.join(TRANSPORTS)}")
     if transport == "local":
+        from specmoe.link import EmulatedLink
         from specmoe.offload import checkpoint_fetcher
 
-        yield checkpoint_fetcher(model_dir)
+        source = checkpoint_fetcher(model_dir)
+        source = EmulatedLink(source, link) if link is not None else source
+        try:
+            yield source
+        finally:
+            source.close()
         return
     from cluster.deployment import DecodersSpec, DeploymentSpec, ModelSpec, TransportSpec, build_deployment
     from cluster.local import ClusterSpec, LocalCluster
 
     spec = DeploymentSpec(name="experts", model=ModelSpec(path=str(model_dir)), decoders=DecodersSpec(count=0),
-                          transport=TransportSpec(kind=transport, verify=verify))
+                          transport=TransportSpec(kind=transport, verify=verify, link=link))
     with LocalCluster(ClusterSpec(stores=1, decoders=0, object_store_mb=512)):
         deployment = build_deployment(spec)
         source = deployment.source()
