@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from cluster.placement import Placement, plan_placement
@@ -138,7 +138,9 @@ class TransportSpec:
         for name in ("root_cert", "server_name"):
             if getattr(self, name) is not None and self.tls_cert is None:
                 raise ValueError(f"transport.{name} needs TLS on the stores (transport.tls_cert and tls_key)")
-        _check_int(self.chunk_bytes, "transport.chunk_bytes", 1)
+        from actors.grpc_service import MIN_CHUNK_BYTES
+
+        _check_int(self.chunk_bytes, "transport.chunk_bytes", MIN_CHUNK_BYTES)
 
     def server_config(self):
         """The stores' gRPC server configuration (None for the ray transport)."""
@@ -515,7 +517,10 @@ def _decoder(spec: DeploymentSpec, i: int, stores: StoreSet):
     handle = _named(name, spec.namespace)
     if handle is not None:
         running = ray.get(handle.engine_config.remote())
-        if running != config:
+        # the model is compared by fingerprint, not by path (a job's uploaded copy of a model has
+        # another path each time): the stores attached above serve this spec's model, and a
+        # decoder of this deployment was built against them
+        if replace(running, model="") != replace(config, model=""):
             raise ValueError(f"decoder {name!r} runs another configuration than this spec's; shut that deployment "
                              "down or give this one another name")
         return handle, False

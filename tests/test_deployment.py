@@ -5,6 +5,8 @@ a second build attaches instead of starting anew, and a decoder outlives a store
 
 from __future__ import annotations
 
+import shutil
+
 import time
 
 import pytest
@@ -73,6 +75,7 @@ def test_a_hand_written_yaml_spec_fills_in_the_defaults(tmp_path):
     ({"stores": {"count": "two"}}, r"stores.count must be an integer >= 1, got 'two'"),
     ({"stores": {"resources": {"expert_store": -1}}}, r"stores.resources\['expert_store'\] must be a number >= 0"),
     ({"transport": {"kind": "http"}}, r"transport.kind must be one of ray, grpc, got 'http'"),
+    ({"transport": {"kind": "grpc", "chunk_bytes": 1024}}, r"transport.chunk_bytes must be an integer >= 65536, got 1024"),
     ({"transport": {"token": "x"}}, r"transport.token applies to the grpc transport only"),
     ({"transport": {"kind": "grpc", "tls_cert": "a.pem"}}, r"tls_cert and transport.tls_key .* give both or neither"),
     ({"decoders": {"device": "cuda"}}, r"decoders.device is 'cuda' but decoders.num_gpus is 0"),
@@ -194,6 +197,13 @@ def test_a_second_build_attaches_to_the_running_actors(shared, shipped_model, ch
     again = build_deployment(shared_spec(shipped_model, tmp_path / "j"))
     assert [h["pid"] for h in again.stores.health()] == [h["pid"] for h in shared.stores.health()]
     assert ray.get([d.health.remote() for d in again.decoders]) == ray.get([d.health.remote() for d in shared.decoders])
+    copy = shutil.copytree(shipped_model, tmp_path / "uploaded-copy")  # a job's working dir: same model, new path
+    moved = build_deployment(shared_spec(copy, tmp_path / "j"))
+    assert ray.get([d.health.remote() for d in moved.decoders]) == ray.get([d.health.remote() for d in shared.decoders])
+    changed = shared_spec(shipped_model, tmp_path / "j")
+    changed.decoders.config = DecoderConfig(mode="specmoe", k=1)
+    with pytest.raises(ValueError, match=r"decoder 'shared-decoder-0' runs another configuration"):
+        build_deployment(changed)
     with pytest.raises(ValueError, match=r"store 'shared-store-0' holds another placement"):
         build_deployment(shared_spec(shipped_model, tmp_path / "j", replication=2))
     other = DeploymentSpec.from_dict(shared_spec(shipped_model, tmp_path / "j").to_dict()
