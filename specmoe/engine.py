@@ -26,7 +26,7 @@ from specmoe.config import DecoderConfig, EngineConfig
 from specmoe.kv_cache import KVCache
 from specmoe.loader import load_model, read_config
 from specmoe.metrics import RoundCounters
-from specmoe.sampling import SamplingParams, sample
+from specmoe.sampling import SamplingParams, position_noise, sample
 from specmoe.speculative import accept_greedy, accept_sampled, pad_drafts
 
 
@@ -41,6 +41,7 @@ class Sequence:
     finish_reason: str | None = None  # "stop" (EOS or a stop token), "length" or "abort"
     draft: list[int] = field(default_factory=list)
     draft_probs: list[torch.Tensor] = field(default_factory=list)  # [V] per draft token (sampling)
+    noise: dict[int, torch.Tensor] = field(default_factory=dict)  # position -> its Gumbel noise [V] (seeded sampling)
     accepted: int = 0  # of this round's draft, tokens accepted and emitted (none past a stop)
 
     @property
@@ -225,7 +226,8 @@ class Engine:
 
     def _take_draft_tokens(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         probs: dict[int, torch.Tensor] = {}
-        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs], probs)
+        noise = [self._noise(s, len(s.tokens) + len(s.draft), logits.shape[-1]) for s in seqs]
+        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs], probs, noise)
         for row, (seq, token) in enumerate(zip(seqs, tokens)):
             seq.draft.append(token)
             if row in probs:
@@ -258,7 +260,19 @@ class Engine:
         for i, s in enumerate(seqs):
             if s.draft_probs:
                 q[i, : len(s.draft_probs)] = torch.stack(s.draft_probs)
-        return accept_sampled(drafts, q, logits, [s.params for s in seqs], [s.generator for s in seqs])
+        noise = [torch.stack([self._noise(s, len(s.tokens) + j, vocab) for j in range(len(s.draft) + 1)])
+                 if s.params.keyed else None for s in seqs]  # [k_i+1, V]: the positions verification decides
+        return accept_sampled(drafts, q, logits, [s.params for s in seqs], [s.generator for s in seqs], noise)
+
+    @staticmethod
+    def _noise(seq: Sequence, position: int, vocab: int) -> torch.Tensor | None:
+        """The Gumbel noise of ``position`` for a seeded sampled request (None otherwise); kept
+        from the draft to verification, dropped once the position is committed."""
+        if not seq.params.keyed:
+            return None
+        if position not in seq.noise:
+            seq.noise[position] = position_noise(seq.params.seed, position, vocab)
+        return seq.noise[position]
 
     def _roll_back(self, seqs: list[Sequence], verdict) -> list[StepOutput]:
         """Append each sequence's accepted tokens and bonus (up to a stop); truncate its KV."""
@@ -272,6 +286,7 @@ class Engine:
                     break
             if seq.finish_reason is None:
                 self.cache.truncate(seq.slot, len(seq.tokens) - 1)
+            seq.noise = {m: g for m, g in seq.noise.items() if m >= len(seq.tokens)}
             seq.accepted = min(accepted, len(kept))
             outputs.append(StepOutput(seq.request_id, kept, seq.finish_reason is not None, seq.finish_reason,
                                       len(seq.draft), seq.accepted))

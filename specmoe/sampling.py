@@ -1,7 +1,17 @@
-"""Sampling parameters and the token sampler (greedy, temperature, top-k, top-p, seed)."""
+"""Sampling parameters and the token sampler (greedy, temperature, top-k, top-p, seed).
+
+A seeded request draws every token by the Gumbel-max rule with noise keyed by (seed,
+position): the token at position m is ``argmax(log p_m + g(seed, m))``, where p_m is the
+distribution it is drawn from and g is standard Gumbel noise [V] that depends on nothing
+else. That is an exact sample of p_m, and it does not depend on how the tokens were reached:
+speculation (a draft takes the same rule on its own distribution and verification keeps it
+where both agree, ``specmoe.speculative.accept_sampled``), k, timing, batch, mode or decoder
+all give the same tokens. Unseeded requests draw from a per-request generator.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -37,6 +47,11 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def keyed(self) -> bool:
+        """Sampled with noise keyed by (seed, position): reproducible whatever the schedule."""
+        return not self.greedy and self.seed is not None
+
     def generator(self) -> torch.Generator | None:
         """A generator for this request: seeded when ``seed`` is set, random otherwise."""
         if self.greedy:
@@ -67,19 +82,37 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return logits.softmax(dim=-1)
 
 
+def position_noise(seed: int, position: int, vocab: int) -> torch.Tensor:
+    """Standard Gumbel noise [V] (float64) for one position of a seeded request: a function of
+    (seed, position) alone."""
+    key = hashlib.blake2b(f"{seed}/{position}".encode(), digest_size=8).digest()
+    gen = torch.Generator().manual_seed(int.from_bytes(key, "little"))
+    u = torch.rand(vocab, generator=gen, dtype=torch.float64).clamp_(min=torch.finfo(torch.float64).tiny)  # [V]
+    return -torch.log(-torch.log(u))
+
+
+def keyed_choice(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The Gumbel-max draw: probs [..., V], noise [..., V] -> token ids [...]; exact for p."""
+    return (probs.double().log() + noise).argmax(dim=-1)
+
+
 def sample(
     logits: torch.Tensor,
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
     probs_out: dict[int, torch.Tensor] | None = None,
+    noise: list[torch.Tensor | None] | None = None,
 ) -> list[int]:
     """One token per row: logits [B, V] -> B token ids. ``probs_out`` receives, per sampled
-    row, the distribution [V] its token was drawn from (a draft keeps it for acceptance)."""
+    row, the distribution [V] its token was drawn from (a draft keeps it for acceptance).
+    A row with ``noise[row]`` (its position's ``position_noise``) takes the Gumbel-max draw;
+    other sampled rows draw from their generator."""
     tokens = logits.argmax(dim=-1)  # [B]
     for row, (p, gen) in enumerate(zip(params, generators)):
         if not p.greedy:
             probs = probabilities(logits[row], p).cpu()  # [V]; sync: request generators live on the host
-            tokens[row] = torch.multinomial(probs, 1, generator=gen)[0]
+            g = noise[row] if noise is not None else None
+            tokens[row] = keyed_choice(probs, g) if g is not None else torch.multinomial(probs, 1, generator=gen)[0]
             if probs_out is not None:
                 probs_out[row] = probs
     return tokens.tolist()  # sync: the scheduler needs the tokens on the host

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from specmoe.sampling import SamplingParams, probabilities
+from specmoe.sampling import SamplingParams, keyed_choice, probabilities
 
 PAD = -1
 
@@ -69,8 +69,10 @@ def accept_sampled(
     target_logits: torch.Tensor,
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
+    noise: list[torch.Tensor | None] | None = None,
 ) -> Verdict:
-    """Speculative rejection sampling (Leviathan et al. 2023; Chen et al. 2023).
+    """Speculative rejection sampling (Leviathan et al. 2023; Chen et al. 2023), or, for rows
+    with ``noise``, its drafter-invariant form.
 
     draft [B, k], draft_probs [B, k, V] (q, the distribution each draft token was drawn from),
     target_logits [B, k+1, V]. For each draft token d_j with target p_j and draft q_j:
@@ -79,6 +81,15 @@ def accept_sampled(
         if all are accepted the bonus is drawn from p_k.
     The emitted tokens are distributed exactly as sampling from the target alone. Greedy rows
     (temperature 0) fall back to ``accept_greedy``'s rule.
+
+    A row with ``noise[row]`` ([k+1, V]: ``sampling.position_noise`` of each position, the
+    noise its draft was drawn with) is checked by the Gumbel-max coupling instead (Daliri,
+    Musco and Suresh 2024, "drafter-invariant speculative decoding"):
+        target_j = argmax(log p_j + g_j);  accepted = max{a : draft_i == target_i for all i < a};
+        bonus = target_accepted.
+    Every emitted token is then the target's own Gumbel-max draw for its position, exactly
+    distributed as p, and the same whatever the draft was: what makes a seeded request
+    reproducible however k was chosen. (It accepts somewhat less often than the rejection rule.)
     """
     accepted, bonus = [], []
     for row, (p_row, gen) in enumerate(zip(params, generators)):
@@ -88,11 +99,26 @@ def accept_sampled(
             bonus.append(verdict.bonus[0])
             continue
         target = probabilities(target_logits[row], p_row).cpu()  # [k+1, V]; sync: host generators
+        g = noise[row] if noise is not None else None
+        if g is not None:
+            a, token = _accept_row_coupled(draft[row].tolist(), target, g)
+            accepted.append(a)
+            bonus.append(token)
+            continue
         q = draft_probs[row].float().cpu()  # [k, V]
         a, token = _accept_row(draft[row].tolist(), q, target, gen)
         accepted.append(a)
         bonus.append(token)
     return Verdict(accepted, bonus)
+
+
+def _accept_row_coupled(draft: list[int], p: torch.Tensor, noise: torch.Tensor) -> tuple[int, int]:
+    drafted = sum(1 for t in draft if t != PAD)
+    target = keyed_choice(p[: drafted + 1], noise[: drafted + 1]).tolist()  # [drafted+1]
+    a = 0
+    while a < drafted and draft[a] == target[a]:
+        a += 1
+    return a, target[a]
 
 
 def _accept_row(draft: list[int], q: torch.Tensor, p: torch.Tensor, gen: torch.Generator | None) -> tuple[int, int]:

@@ -64,7 +64,8 @@ def test_engine_samples_the_target_distribution_with_a_draft_that_is_often_rejec
     engine = Engine(EngineConfig(model=peaked_model, max_batch_size=100, decoder=decoder))
     bias = 3.0 * torch.randn(VOCAB, generator=torch.Generator().manual_seed(0))
     engine.model.lm_head = DraftBias(engine.model.lm_head, engine.runtime, bias)
-    ids = [engine.add_request(PROMPT, SamplingParams(**PARAMS, seed=i)) for i in range(SAMPLES)]
+    # unseeded: the rejection rule (a seeded request takes the drafter-invariant rule, tests/test_seeded_auto.py)
+    ids = [engine.add_request(PROMPT, SamplingParams(**PARAMS)) for _ in range(SAMPLES)]
     got, accepted, trials = {i: [] for i in ids}, 0, 0
     while engine.has_unfinished():
         for out in engine.step():
@@ -72,7 +73,7 @@ def test_engine_samples_the_target_distribution_with_a_draft_that_is_often_rejec
             accepted += out.accepted
             trials += out.accepted + (out.accepted < out.drafted)  # each accepted token, and the rejected one
     samples = torch.tensor([got[i] for i in ids])  # [S, 4]
-    assert trials > SAMPLES and 0.35 <= accepted / trials <= 0.65  # the draft disagrees about half the time
+    assert trials > SAMPLES and 0.25 <= accepted / trials <= 0.65  # the draft is often rejected (about 0.36 of its tokens accepted)
 
     hf = AutoModelForCausalLM.from_pretrained(peaked_model, dtype=torch.float32).eval()
     ids = torch.cat([torch.tensor(PROMPT).expand(SAMPLES, -1), samples], dim=1)  # [S, P+4]
