@@ -160,6 +160,28 @@ def test_a_queue_per_store_carries_in_parallel_and_one_per_decoder_in_series_at_
     assert 0.08 <= took["store"] <= 0.08 + LATE
 
 
+class Computing(TwoStores):
+    """A store that also runs experts (doubles the activations), as the gRPC source can."""
+
+    def compute(self, layer, expert, x):
+        out = Future()
+        out.set_result(2 * x)
+        return out
+
+
+def test_remote_compute_through_the_link_carries_the_activations_there_and_back_at_most_40ms_late():
+    link = EmulatedLink(Computing(1000), LinkConfig(gbps=0.1))
+    try:
+        x = torch.ones(1000, 5000)  # 20 MB there, 20 MB back: 0.4 s
+        started = time.perf_counter()
+        y = link.compute(0, 1, x).result(timeout=30)
+        took = time.perf_counter() - started
+        assert torch.equal(y, 2 * x) and 0.4 <= took <= 0.4 + LATE
+        assert link.metrics.snapshot()["link_bytes"] == 40_000_000
+    finally:
+        link.close()
+
+
 def test_a_queue_per_store_needs_a_source_that_knows_its_stores(shards):
     with pytest.raises(ValueError, match="queue 'store' needs a source that knows which store holds each expert"):
         EmulatedLink(LocalSource(shards), LinkConfig(queue="store"))
