@@ -338,3 +338,17 @@ def test_ray_experts_behind_the_link_of_a_deployment_give_the_resident_tokens(sh
         m = source.metrics.snapshot()
     assert tokens == resident_tokens
     assert m["link_bytes"] == m["bytes"] > 0 and 0 < m["link_utilisation"] <= 1
+
+
+def test_a_rebuilt_source_keeps_counting_into_the_old_links_metrics(shards):
+    old = EmulatedLink(LocalSource(shards), LinkConfig(gbps=1.0))
+    wait_all(old.fetch(0, [0]).values())
+    metrics = old.metrics
+    old.close()
+    fresh = EmulatedLink(LocalSource(shards), LinkConfig(gbps=1.0))
+    fresh.metrics = metrics  # what a Decoder does when it builds its source again
+    wait_all(fresh.fetch(0, [1]).values())
+    fresh.drain()
+    m = fresh.metrics.snapshot()
+    assert (m["link_transfers"], m["requests"], m["link_bytes"], m["bytes"]) == (2, 2, 2 * 196_608, 2 * 196_608)
+    fresh.close()
