@@ -167,7 +167,10 @@ class TransportSpec:
 
 @dataclass
 class DecodersSpec:
-    """``count`` Decoder actors, each asking Ray for ``num_gpus`` and ``resources``."""
+    """``count`` Decoder actors, each asking Ray for ``num_gpus`` and ``resources``.
+
+    ``max_restarts`` (-1: always): a decoder that dies is restarted by Ray, empty; the
+    coordinator has already moved its requests and uses it again once it answers."""
 
     count: int = 1
     num_gpus: float = 0
@@ -175,9 +178,11 @@ class DecodersSpec:
     device: str = "cpu"
     max_batch_size: int = 16
     config: DecoderConfig = field(default_factory=lambda: DecoderConfig(mode="specmoe"))
+    max_restarts: int = -1
 
     def __post_init__(self):
         _check_int(self.count, "decoders.count", 0)
+        _check_int(self.max_restarts, "decoders.max_restarts", -1)
         _check_number(self.num_gpus, "decoders.num_gpus")
         _check_resources(self.resources, "decoders.resources")
         if not isinstance(self.device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
@@ -526,7 +531,7 @@ def _decoder(spec: DeploymentSpec, i: int, stores: StoreSet):
         return handle, False
     d = spec.decoders
     source = None if config.decoder.mode == "resident" else stores.source_spec(spec.transport)
-    options = dict(name=name, namespace=spec.namespace, lifetime="detached", num_gpus=d.num_gpus,
+    options = dict(name=name, namespace=spec.namespace, lifetime="detached", max_restarts=d.max_restarts, num_gpus=d.num_gpus,
                    resources=dict(d.resources), num_cpus=0 if d.resources or d.num_gpus else 1)
     return decoder_actor(**options).remote(config, source), True
 

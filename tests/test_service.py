@@ -252,6 +252,21 @@ def test_killing_a_decoder_mid_generation_loses_no_token(client, reference):
     assert m["readmitted"] >= 1 and not m["decoders"][0]["live"] and m["decoders"][1]["live"]
 
 
+def test_a_crashed_decoder_is_restarted_by_ray_and_serves_again(client, reference):
+    """The last live decoder crashes (decoders.max_restarts: Ray restarts it, empty): its requests
+    wait in the queue until the coordinator's probe finds it alive again, then finish exactly."""
+    decoder = client.deployment.decoders[1]
+    prompts = PROMPTS[18:22]
+    crash = when_all_started(len(prompts), lambda: ray.kill(decoder, no_restart=False))
+    params = [GenerationParams(max_new_tokens=24, ignore_eos=True)] * len(prompts)
+    out = stream_all(client, prompts, params, crash)
+    assert crash.fired.is_set()
+    for prompt, pieces in zip(prompts, out):
+        assert_exactly_once(pieces, reference(prompt, 24), reference.tokenizer)
+    m = wait_idle(client)
+    assert m["decoders"][1]["live"] and m["readmitted"] >= 1
+
+
 def test_the_cli_demo_goes_through_the_service_and_prints_the_resident_text(client, capsys):
     from deploy.cli import main
 
