@@ -30,10 +30,10 @@ Faults:
 * A decoder whose call raises ``RayActorError`` (died, restarting, unreachable) or
   ``DecoderDead`` is dead: its requests go back to the front of the queue and are placed on
   a live decoder with prompt + committed tokens as the prompt and the remaining
-  ``max_new_tokens``. Clients see the same stream (committed tokens never change); greedy
-  output is unchanged; a sampled request draws its remaining tokens from a generator
-  seeded afresh, so seeded sampling is not bit-identical to an uninterrupted run (the
-  distribution is the same). A dead decoder is probed with ``health()`` and used again
+  ``max_new_tokens``. Clients see the same stream (committed tokens never change); the
+  output is unchanged under greedy decoding and for seeded requests (a seeded token is
+  drawn with noise keyed by seed and position, ``specmoe.sampling``); an unseeded sampled
+  request draws its remaining tokens afresh (same distribution). A dead decoder is probed with ``health()`` and used again
   once it answers alive (a restarted actor holds no requests).
 * ``DecoderRoundError`` (the decoder's requests are intact) and any other error of a
   round: the round is retried after a back-off; ``decoder_failures`` consecutive failures
@@ -137,8 +137,8 @@ class Journal:
     Preserved across a coordinator restart: every acknowledged request, its parameters, its
     committed tokens and their drafted/accepted counts, finish reasons, and so every
     client's cursor. Lost: rounds a decoder ran whose outputs the old coordinator had not
-    yet recorded (they are recomputed: identical under greedy decoding; a sampled request
-    draws them again from a generator seeded afresh), requests whose ``submit`` had not
+    yet recorded (they are recomputed: identical under greedy decoding and for seeded
+    requests; an unseeded sampled request draws them afresh), requests whose ``submit`` had not
     returned (a client retries them with the same id; ``submit`` is idempotent), timing
     metrics (time to first token of a resumed request counts from the restart), and the
     coordinator's counters. Flushed, not fsynced: it survives the process, not the machine.
