@@ -142,7 +142,7 @@ class Decoder:
     """One engine, driven by ``step()``. Plain class; ``decoder_actor()`` makes it a Ray actor."""
 
     def __init__(self, config: EngineConfig, source: SourceSpec | None = None, retry: RetryPolicy | None = None):
-        if source is not None and config.decoder.mode == "resident":
+        if source is not None and not config.decoder.mode_spec.offloaded:
             raise ValueError("a resident decoder holds every expert; it takes no expert source")
         self.config, self.source_spec, self.retry = config, source, retry or RetryPolicy()
         self.source = source.build() if source is not None else None

@@ -96,7 +96,7 @@ def run_mode(cfg: BenchConfig, decoder: DecoderConfig, prompts, fetch) -> tuple[
         engine.runtime.cache.stats = type(engine.runtime.cache.stats)()
     if hasattr(fetch, "drain"):
         fetch.drain()  # what an earlier run left on the emulated link is not this run's
-    link = getattr(fetch, "metrics", None) if decoder.mode != "resident" else None
+    link = getattr(fetch, "metrics", None) if decoder.mode_spec.offloaded else None
     link = link if hasattr(link, "busy_until") else None
     started = time.perf_counter()
     busy = link.busy_until(started) if link else 0.0

@@ -530,7 +530,7 @@ def _decoder(spec: DeploymentSpec, i: int, stores: StoreSet):
                              "down or give this one another name")
         return handle, False
     d = spec.decoders
-    source = None if config.decoder.mode == "resident" else stores.source_spec(spec.transport)
+    source = stores.source_spec(spec.transport) if config.decoder.mode_spec.offloaded else None
     options = dict(name=name, namespace=spec.namespace, lifetime="detached", max_restarts=d.max_restarts, num_gpus=d.num_gpus,
                    resources=dict(d.resources), num_cpus=0 if d.resources or d.num_gpus else 1)
     return decoder_actor(**options).remote(config, source), True

@@ -28,7 +28,9 @@ def add_decoder_arguments(parser: argparse.ArgumentParser) -> None:
     from specmoe.config import DecoderConfig
 
     default = DecoderConfig()  # the defaults live there, once
-    parser.add_argument("--mode", choices=MODES, default=default.mode, help="where experts live and how transfers are hidden")
+    parser.add_argument("--mode", choices=MODES, default=default.mode,
+                        help="where experts live and how transfers are hidden: "
+                             + "; ".join(f"{m.name}: {m.help}" for m in MODES.values()).replace("%", "%%"))
     parser.add_argument("--draft-policy", choices=DRAFT_POLICIES, default=default.draft_policy,
                         help="how specmoe drafts without moving bytes")
     parser.add_argument("--k", default=str(default.k), help=f"draft tokens per round: an integer or 'auto' (default {default.k})")
@@ -56,10 +58,13 @@ def add_decoder_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_decoder_arguments(args: argparse.Namespace) -> None:
     """Refuse flags that would be silently ignored, before anything starts."""
-    if args.mode == "resident" and args.experts != "local":
+    from specmoe.config import MODES
+
+    offloaded = MODES[args.mode].offloaded
+    if not offloaded and args.experts != "local":
         raise ValueError(f"--experts {args.experts} has no effect with --mode resident (every expert is loaded locally); "
                          "choose --mode ondemand, pregate or specmoe, or leave out --experts")
-    if args.remote_compute and (args.experts != "grpc" or args.mode == "resident"):
+    if args.remote_compute and (args.experts != "grpc" or not offloaded):
         raise ValueError(f"--remote-compute needs --experts grpc and a mode that fetches experts, "
                          f"got --experts {args.experts} --mode {args.mode}")
     grpc_flags = [f for f, v in [("--grpc-token", args.grpc_token), ("--grpc-tls-cert", args.grpc_tls_cert),
@@ -70,7 +75,7 @@ def check_decoder_arguments(args: argparse.Namespace) -> None:
         raise ValueError("--grpc-tls-cert and --grpc-tls-key go together (PEM files): give both or neither")
     link_flags = [f for f, v in (("--link-gbps", args.link_gbps), ("--link-latency-us", args.link_latency_us),
                                  ("--link-r", args.link_r)) if v is not None]
-    if link_flags and args.mode == "resident":
+    if link_flags and not offloaded:
         raise ValueError(f"{link_flags[0]} has no effect with --mode resident (no expert crosses a link); "
                          "choose --mode ondemand, pregate or specmoe")
     if args.link_gbps is not None and args.link_r is not None:

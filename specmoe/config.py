@@ -13,8 +13,34 @@ from specmoe.loader import parse_dtype
 from specmoe.quant import check_group_size
 
 SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "models" / "shakespeare-tiny-moe"
-MODES = ("resident", "ondemand", "pregate", "specmoe")
 DRAFT_POLICIES = ("resident", "shadow")
+
+
+@dataclass(frozen=True)
+class Mode:
+    """What a mode means, decided once: every site reads these properties, never the name.
+
+    offloaded:   experts live in a source and are fetched (False: every expert is loaded locally)
+    speculative: rounds draft k tokens and verify them (k = 0 otherwise)
+    lookahead:   every exact pass requests layer l+1's experts from layer l's hidden state
+                 (prefill always does, in every offloaded mode)
+    """
+
+    name: str
+    offloaded: bool
+    speculative: bool
+    lookahead: bool
+    help: str
+
+
+MODES: dict[str, Mode] = {m.name: m for m in (
+    Mode("resident", offloaded=False, speculative=False, lookahead=False, help="every expert local: the reference"),
+    Mode("ondemand", offloaded=True, speculative=False, lookahead=False, help="fetch an expert when the router picks it"),
+    Mode("pregate", offloaded=True, speculative=False, lookahead=True,
+         help="ondemand + next-layer lookahead prefetch"),
+    Mode("specmoe", offloaded=True, speculative=True, lookahead=False,
+         help="draft, prefetch the draft's predicted experts, verify"),
+)}
 
 
 @dataclass
@@ -65,8 +91,12 @@ class DecoderConfig:
         check_group_size(self.shadow_bits, self.shadow_group_size, "shadow_group_size")
 
     @property
+    def mode_spec(self) -> Mode:
+        return MODES[self.mode]
+
+    @property
     def speculative(self) -> bool:
-        return self.mode == "specmoe"
+        return self.mode_spec.speculative
 
     def budget_bytes(self, expert_bytes: int) -> int:
         return parse_budget(self.cache_budget, "cache_budget").bytes_of(expert_bytes)

@@ -83,10 +83,10 @@ class Engine:
         dec: DecoderConfig = config.decoder
         self.hf_config = read_config(config.model) if model is None else model.config
         if model is None:
-            model = load_model(config.model, config.dtype, config.device, experts=dec.mode == "resident")
+            model = load_model(config.model, config.dtype, config.device, experts=not dec.mode_spec.offloaded)
         self.model = model
         self.runtime = None
-        if dec.mode != "resident":
+        if dec.mode_spec.offloaded:
             from specmoe.offload import attach_runtime, checkpoint_fetcher
 
             compute = getattr(fetch, "compute", None)
@@ -245,7 +245,7 @@ class Engine:
         width = max(hi - lo for lo, hi in spans)
         rows = [min(lo + j, hi - 1) for lo, hi in spans for j in range(width)]
         if self.runtime is not None:
-            self.runtime.lookahead = self.config.decoder.mode == "pregate" or any(fresh)
+            self.runtime.lookahead = self.config.decoder.mode_spec.lookahead or any(fresh)
         device = self.cache.k.device
         with torch.inference_mode():
             logits = self.model(torch.tensor(ids, device=device), batch, self.cache, torch.tensor(rows, device=device))

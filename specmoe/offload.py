@@ -372,12 +372,12 @@ def attach_runtime(model, fetch: FetchFn, config, device: torch.device | str = "
     slots = budget // max(expert_bytes.values())
     floor = min(min(b.gate.top_k for _, b in blocks), slots // len(blocks))
     cache = ExpertCache(budget, config.eviction, layer_floor=floor)
-    use_shadow = config.mode == "specmoe" and config.draft_policy == "shadow"
+    use_shadow = config.speculative and config.draft_policy == "shadow"
     runtime = ExpertRuntime(
         fetch,
         cache,
         {layer: b.experts.num_experts for layer, b in blocks},
-        config.draft_policy if config.mode == "specmoe" else "resident",  # other modes never draft
+        config.draft_policy if config.speculative else "resident",  # other modes never draft
         {} if use_shadow else None,
         device,
         dtype,
