@@ -189,8 +189,17 @@ class TopKRouter(nn.Module):
         return weights, indices
 
 
+# Experts with this many tokens run with the weight on the left (``torch.mm(W, x.t())``),
+# which measured faster end to end than ``F.linear`` on a 2-core CPU at batch 16 (one token
+# and 9 or more: no gain, so they keep ``F.linear``).
+SMALL_EXPERT_TOKENS = range(2, 9)
+
+
 def expert_ffn(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act_fn) -> torch.Tensor:
     """One expert's gated FFN. x [n, H], gate_up [2I, H], down [H, I] -> [n, H]"""
+    if x.shape[0] in SMALL_EXPERT_TOKENS:
+        gate, up = torch.mm(gate_up, x.t()).t().chunk(2, dim=-1)  # [n, I] each
+        return torch.mm(down, (act_fn(gate) * up).t()).t()
     gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
     return F.linear(act_fn(gate) * up, down)
 
