@@ -23,7 +23,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_decoder_arguments(parser: argparse.ArgumentParser) -> None:
-    from specmoe.config import DRAFT_POLICIES, MODES
+    from specmoe.config import DRAFT_POLICIES, MIGRATIONS, MODES
 
     from specmoe.config import DecoderConfig
 
@@ -33,6 +33,9 @@ def add_decoder_arguments(parser: argparse.ArgumentParser) -> None:
                              + "; ".join(f"{m.name}: {m.help}" for m in MODES.values()).replace("%", "%%"))
     parser.add_argument("--draft-policy", choices=DRAFT_POLICIES, default=default.draft_policy,
                         help="how specmoe drafts without moving bytes")
+    parser.add_argument("--migration", choices=MIGRATIONS, default=default.migration,
+                        help="when specmoe requests the draft's predicted experts: eager (as each draft step predicts "
+                             "them) or deferred (once, coalesced, when verification starts)")
     parser.add_argument("--k", default=str(default.k), help=f"draft tokens per round: an integer or 'auto' (default {default.k})")
     parser.add_argument("--k-max", type=int, default=default.k_max)
     parser.add_argument("--cache-budget", default=str(default.cache_budget),
@@ -115,6 +118,7 @@ def decoder_config(args: argparse.Namespace):
         cache_budget=args.cache_budget,
         profile=args.profile,
         remote_compute=args.remote_compute,
+        migration=args.migration,
     )
 
 

@@ -14,6 +14,7 @@ from specmoe.quant import check_group_size
 
 SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "models" / "shakespeare-tiny-moe"
 DRAFT_POLICIES = ("resident", "shadow")
+MIGRATIONS = ("eager", "deferred")
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,8 @@ class Mode:
     speculative: rounds draft k tokens and verify them (k = 0 otherwise)
     lookahead:   every exact pass requests layer l+1's experts from layer l's hidden state
                  (prefill always does, in every offloaded mode)
+    remote:      every needed expert that is not resident, staged or in flight runs on its
+                 store (activations move, not weights); needs a source with ``compute``
     """
 
     name: str
@@ -31,6 +34,7 @@ class Mode:
     speculative: bool
     lookahead: bool
     help: str
+    remote: bool = False
 
 
 MODES: dict[str, Mode] = {m.name: m for m in (
@@ -40,6 +44,8 @@ MODES: dict[str, Mode] = {m.name: m for m in (
          help="ondemand + next-layer lookahead prefetch"),
     Mode("specmoe", offloaded=True, speculative=True, lookahead=False,
          help="draft, prefetch the draft's predicted experts, verify"),
+    Mode("remote", offloaded=True, speculative=False, lookahead=False, remote=True,
+         help="run every non-resident expert on its store, moving activations (needs --experts grpc)"),
 )}
 
 
@@ -56,6 +62,9 @@ class DecoderConfig:
     cache_budget:    expert cache size, the unit in the syntax: a fraction of all expert bytes
                      (0.25, "25%"; in (0, 1]) or a size ("64MB", "1.5GiB", "1000000B")
     pinned_fraction: share of the budget pinned to the routing profile's hottest experts
+    migration:       eager (request the draft's predicted experts as soon as each draft step
+                     predicts them, so transfers overlap drafting) | deferred (the paper's:
+                     request them once when verification starts, coalesced over the round)
     remote_compute:  let a missed expert with few tokens run on its store when moving the
                      activations costs less than moving the weights (results are identical)
     """
@@ -71,12 +80,15 @@ class DecoderConfig:
     shadow_group_size: int = 32
     profile: str | Path | None = None
     remote_compute: bool = False
+    migration: str = "eager"
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}; allowed: {', '.join(MODES)}")
         if self.draft_policy not in DRAFT_POLICIES:
             raise ValueError(f"unknown draft policy {self.draft_policy!r}; allowed: {', '.join(DRAFT_POLICIES)}")
+        if self.migration not in MIGRATIONS:
+            raise ValueError(f"unknown migration {self.migration!r}; allowed: {', '.join(MIGRATIONS)}")
         if self.k_max < 0:
             raise ValueError(f"k_max must be >= 0, got {self.k_max}")
         if self.k != "auto" and not (isinstance(self.k, int) and 0 <= self.k <= self.k_max):

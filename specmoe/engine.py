@@ -220,7 +220,7 @@ class Engine:
                 self._take_draft_tokens([active[i] for i in drafting], logits[drafting])
                 active = [active[i] for i in drafting]
         finally:
-            self.runtime.phase = "exact"
+            self.runtime.end_draft()
         for seq in running:
             self.cache.truncate(seq.slot, len(seq.tokens) - 1)  # drop the scratch entries
 

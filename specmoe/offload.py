@@ -153,6 +153,8 @@ class ExpertRuntime:
         self.upload = DeviceUploader(self.device, dtype)
         self.phase = "exact"
         self.lookahead = False
+        self.deferred = False  # migration: hold the draft's predictions until verification starts
+        self.predicted_waiting: dict[int, set[int]] = {}  # layer -> predicted experts not yet requested
         self.in_flight: dict[Key, Future] = {}
         self.staged: dict[Key, ExpertTensors] = {}  # fetched for the coming exact pass
         self.decoded: dict[Key, ExpertTensors] = {}  # shadow copies dequantized this round
@@ -160,6 +162,7 @@ class ExpertRuntime:
         self.next_router: dict[int, torch.nn.Module] = {}  # layer -> router of the next MoE layer
         # remote compute (optional): compute_fn(layer, expert, x [n, H]) -> future of [n, H]
         self.compute_fn = None
+        self.always_remote = False  # the remote mode: every miss runs on its store
         self.remote_cost_factor = 4.0  # a remote call costs more than its bytes (latency, store CPU)
         self.hidden_size = self.expert_bytes = 0
         self.item_size = torch.empty((), dtype=dtype).element_size()
@@ -181,6 +184,14 @@ class ExpertRuntime:
             self.in_flight[(layer, e)] = futures[e]
         self.counters.fetch_requests += len(wanted)
         self.counters.prefetched += len(wanted) if prefetch else 0
+
+    def end_draft(self) -> None:
+        """The draft is over: verification starts. Deferred migration requests the round's
+        predicted experts now, one coalesced request per layer, earliest layers first."""
+        self.phase = "exact"
+        waiting, self.predicted_waiting = self.predicted_waiting, {}
+        for layer in sorted(waiting):
+            self.request(layer, sorted(waiting[layer]), prefetch=True)
 
     def _collect(self, keys: list[Key]) -> None:
         """Take the given in-flight requests (waiting only for those not done: a stall) and
@@ -219,6 +230,7 @@ class ExpertRuntime:
         self.staged.clear()
         self.decoded.clear()
         self.counters.predicted, self.counters.needed = {}, {}
+        self.predicted_waiting = {}
         self.phase = "exact"
 
     # -- setting up -----------------------------------------------------------------------
@@ -280,6 +292,8 @@ class ExpertRuntime:
         """The cost model: moving the activations there and back costs less than moving the weights."""
         if self.compute_fn is None:
             return False
+        if self.always_remote:
+            return True
         activation_bytes = 2 * tokens * self.hidden_size * self.item_size
         return activation_bytes * self.remote_cost_factor < self.expert_bytes
 
@@ -316,7 +330,10 @@ class ExpertRuntime:
         if self.phase == "draft":
             predicted = sorted(set(indices.reshape(-1).tolist()))  # sync: a prediction must reach the host to be requested
             self.counters.predicted.setdefault(router.layer, set()).update(predicted)
-            self.request(router.layer, predicted, prefetch=True)
+            if self.deferred:
+                self.predicted_waiting.setdefault(router.layer, set()).update(predicted)
+            else:
+                self.request(router.layer, predicted, prefetch=True)
             if self.draft_policy == "resident":
                 allowed = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)  # [E]
                 allowed[list(self.cache.resident(router.layer))] = True
@@ -383,12 +400,15 @@ def attach_runtime(model, fetch: FetchFn, config, device: torch.device | str = "
         dtype,
     )
     runtime.total_expert_bytes = total
+    runtime.deferred = config.migration == "deferred"
     runtime.hidden_size = hidden
     runtime.expert_bytes = min(expert_bytes.values())
-    if config.remote_compute:
+    if config.remote_compute or config.mode_spec.remote:
         if compute is None:
-            raise ValueError("remote_compute needs a source that can run experts on their store (the grpc transport)")
+            what = f"mode {config.mode!r}" if config.mode_spec.remote else "remote_compute"
+            raise ValueError(f"{what} needs a source that can run experts on their store (the grpc transport)")
         runtime.compute_fn = compute
+        runtime.always_remote = False and config.mode_spec.remote
     for (layer, block), nxt in zip(blocks, blocks[1:] + [(None, None)]):
         block.experts.implementation = "offloaded"
         block.experts.runtime = runtime
