@@ -154,7 +154,8 @@ def ray_head(tmp_path_factory):
                "--include-dashboard=true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
                "--metrics-export-port", str(metrics), "--ray-client-server-port", str(client),
                "--dashboard-agent-listen-port", str(agent), "--temp-dir", str(temp / "ray"), "--num-cpus", "1",
-               "--resources", json.dumps({"expert_store": 1, "decoder": 1}), "--disable-usage-stats"]
+               # two of each: the batch jobs' deployment and the `serve deploy` test's deployment side by side
+               "--resources", json.dumps({"expert_store": 2, "decoder": 2}), "--disable-usage-stats"]
     log = logs / "start.log"
     with open(log, "wb") as out:
         start = subprocess.Popen(command, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
@@ -352,3 +353,48 @@ def test_a_stopped_batch_job_aborts_its_requests_in_flight(ray_head, tmp_path, s
     # the coordinator would abort them by itself only after 60 s without a poll
     wait_for(lambda: series_sum(ray_head.metrics, "ray_specmoe_requests_total", 'outcome="abort"') > aborted, 20,
              "the job's requests in flight to be aborted", every_s=0.5)
+
+
+@pytest.mark.cluster
+def test_serve_deploy_of_the_shipped_config_answers_with_the_engine_tokens(ray_head, tmp_path, shipped_model):
+    """`serve deploy deploy/serve/config.yaml` (the file as shipped, on another HTTP port and under
+    another deployment name) on the real head: the app builds its deployment and answers."""
+    import yaml
+
+    from specmoe.config import EngineConfig
+    from specmoe.engine import Engine
+    from specmoe.sampling import SamplingParams
+
+    config = yaml.safe_load((REPO / "deploy" / "serve" / "config.yaml").read_text())
+    (port,) = free_ports(1)
+    config["http_options"] = {"host": "127.0.0.1", "port": port}
+    spec = config["applications"][0]["args"]["spec"]
+    spec.update(name="servedeploy", namespace="servedeploy")
+    spec["model"]["path"] = str(shipped_model)
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    serve = str(Path(sys.executable).parent / "serve")
+    done = subprocess.run([serve, "deploy", "--address", ray_head.dashboard, str(path)], env=ray_head.env, cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+    def answers() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    wait_for(answers, 240, "the deployed app to answer")
+    body = json.dumps({"model": "shakespeare-tiny-moe", "prompt": "ROMEO:", "max_tokens": TOKENS, "temperature": 0})
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body.encode(),
+                                     {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as r:
+        got = json.loads(r.read())
+    engine = Engine(EngineConfig(model=str(shipped_model)))
+    want = engine.generate(["ROMEO:"], SamplingParams(max_new_tokens=TOKENS, ignore_eos=True))[0]
+    assert got["usage"]["completion_tokens"] <= TOKENS
+    n = got["usage"]["completion_tokens"]
+    assert got["choices"][0]["text"] == engine.tokenizer.decode(want.token_ids[:n], skip_special_tokens=True)
+    subprocess.run([serve, "shutdown", "--address", ray_head.dashboard, "-y"], env=ray_head.env, cwd=REPO,
+                   capture_output=True, timeout=120)
