@@ -338,7 +338,7 @@ class ExpertRuntime:
                 allowed = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)  # [E]
                 allowed[list(self.cache.resident(router.layer))] = True
                 weights, indices = router.select(logits, allowed)
-        elif self.lookahead and router.layer in self.next_router:
+        elif self.lookahead and not self.always_remote and router.layer in self.next_router:
             nxt = self.next_router[router.layer]
             _, ahead = nxt.select(F.linear(x, nxt.weight))  # [N, K]
             self.request(nxt.layer, sorted(set(ahead.reshape(-1).tolist())), prefetch=True)  # sync: see above
@@ -408,7 +408,7 @@ def attach_runtime(model, fetch: FetchFn, config, device: torch.device | str = "
             what = f"mode {config.mode!r}" if config.mode_spec.remote else "remote_compute"
             raise ValueError(f"{what} needs a source that can run experts on their store (the grpc transport)")
         runtime.compute_fn = compute
-        runtime.always_remote = False and config.mode_spec.remote
+        runtime.always_remote = config.mode_spec.remote
     for (layer, block), nxt in zip(blocks, blocks[1:] + [(None, None)]):
         block.experts.implementation = "offloaded"
         block.experts.runtime = runtime

@@ -50,3 +50,54 @@ def test_no_history_predicts_nothing():
 def test_bad_settings_are_refused(kwargs):
     with pytest.raises(ValueError, match="history"):
         RoutingHistory({0: 2}, **kwargs)
+
+
+# -- the remote mode: every non-resident expert runs where its weights are ----------------
+
+from concurrent.futures import Future  # noqa: E402
+
+import torch.nn.functional as F  # noqa: E402
+
+from specmoe.config import SHIPPED_MODEL, DecoderConfig, EngineConfig  # noqa: E402
+from specmoe.engine import Engine  # noqa: E402
+from specmoe.layers import expert_ffn  # noqa: E402
+from specmoe.offload import checkpoint_fetcher  # noqa: E402
+from specmoe.sampling import SamplingParams  # noqa: E402
+
+
+class ComputingSource:
+    """An in-process store that also runs an expert on activations it is sent."""
+
+    def __init__(self, model_dir):
+        self.fetch = checkpoint_fetcher(model_dir)
+        self.computed = 0
+
+    def __call__(self, layer, experts):
+        return self.fetch(layer, experts)
+
+    def compute(self, layer, expert, x):  # x [n, H] -> future of [n, H]
+        gate_up, down = self.fetch(layer, [expert])[expert].result()
+        self.computed += 1
+        future = Future()
+        future.set_result(expert_ffn(x, gate_up.to(x.dtype), down.to(x.dtype), F.silu))
+        return future
+
+
+def test_remote_mode_gives_resident_tokens_and_moves_no_expert_weights():
+    # a long prompt: its prefill sends enough tokens to some experts that the remote_compute
+    # cost model alone would move their weights instead
+    prompts = [[(7 * i + 3) % 500 + 5 for i in range(200)], [300, 2, 41]]
+    params = SamplingParams(max_new_tokens=12)
+    want = [o.token_ids for o in Engine(EngineConfig(max_batch_size=2)).generate(prompts, params)]
+    source = ComputingSource(SHIPPED_MODEL)
+    engine = Engine(EngineConfig(max_batch_size=2, decoder=DecoderConfig(mode="remote")), fetch=source)
+    assert [o.token_ids for o in engine.generate(prompts, params)] == want
+    counters = engine.runtime.counters
+    assert counters.remote_computes > 0 and source.computed == counters.remote_computes
+    assert counters.misses == counters.remote_computes  # every miss ran on the store
+    assert counters.bytes_moved == 0 and engine.runtime.startup_bytes == 0
+
+
+def test_remote_mode_is_refused_without_a_computing_source():
+    with pytest.raises(ValueError, match="mode 'remote' needs a source that can run experts"):
+        Engine(EngineConfig(decoder=DecoderConfig(mode="remote")))
