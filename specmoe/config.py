@@ -27,6 +27,9 @@ class Mode:
                  (prefill always does, in every offloaded mode)
     remote:      every needed expert that is not resident, staged or in flight runs on its
                  store (activations move, not weights); needs a source with ``compute``
+    static_hot:  the cache is only a pinned hot set, this share of all experts (the routing
+                 profile's hottest); misses are fetched for their pass and not kept (None: a
+                 cache with the budget and eviction policy)
     """
 
     name: str
@@ -35,6 +38,7 @@ class Mode:
     lookahead: bool
     help: str
     remote: bool = False
+    static_hot: float | None = None
 
 
 MODES: dict[str, Mode] = {m.name: m for m in (
@@ -46,6 +50,8 @@ MODES: dict[str, Mode] = {m.name: m for m in (
          help="draft, prefetch the draft's predicted experts, verify"),
     Mode("remote", offloaded=True, speculative=False, lookahead=False, remote=True,
          help="run every non-resident expert on its store, moving activations (needs --experts grpc)"),
+    Mode("caching", offloaded=True, speculative=False, lookahead=False, static_hot=0.10,
+         help="a static hot set (the routing profile's top 10% of experts) pinned, misses fetched on demand and not kept"),
 )}
 
 
@@ -87,6 +93,9 @@ class DecoderConfig:
             raise ValueError(f"unknown mode {self.mode!r}; allowed: {', '.join(MODES)}")
         if self.draft_policy not in DRAFT_POLICIES:
             raise ValueError(f"unknown draft policy {self.draft_policy!r}; allowed: {', '.join(DRAFT_POLICIES)}")
+        if self.mode_spec.static_hot is not None and self.profile is None:
+            raise ValueError(f"mode {self.mode!r} pins the routing profile's hottest experts: give a profile "
+                             "(`specmoe profile` writes one)")
         if self.migration not in MIGRATIONS:
             raise ValueError(f"unknown migration {self.migration!r}; allowed: {', '.join(MIGRATIONS)}")
         if self.k_max < 0:

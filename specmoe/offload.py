@@ -153,6 +153,7 @@ class ExpertRuntime:
         self.upload = DeviceUploader(self.device, dtype)
         self.phase = "exact"
         self.lookahead = False
+        self.keep_fetched = True  # False: fetched experts serve their pass and are not cached (static hot set)
         self.deferred = False  # migration: hold the draft's predictions until verification starts
         self.predicted_waiting: dict[int, set[int]] = {}  # layer -> predicted experts not yet requested
         self.in_flight: dict[Key, Future] = {}
@@ -218,7 +219,7 @@ class ExpertRuntime:
     def admit_staged(self) -> None:
         """End of a round: fetched experts enter the cache (as its policy allows); the round's
         dequantized shadow copies are dropped."""
-        for key, (gate_up, down) in self.staged.items():
+        for key, (gate_up, down) in self.staged.items() if self.keep_fetched else ():
             self.cache.put(key, (gate_up, down), gate_up.nbytes + down.nbytes)
         self.staged.clear()
         self.decoded.clear()
@@ -419,7 +420,14 @@ def attach_runtime(model, fetch: FetchFn, config, device: torch.device | str = "
         from specmoe.profile import RoutingProfile
 
         ranked = RoutingProfile.load(config.profile).ranked()
-        runtime.pin(ranked, int(config.pinned_fraction * cache.budget))
+        static = config.mode_spec.static_hot
+        if static is not None:  # a static hot set: this share of all experts, whatever the budget
+            count = max(1, round(static * sum(runtime.num_experts.values())))
+            runtime.cache = cache = ExpertCache(count * max(expert_bytes.values()), config.eviction)
+            runtime.keep_fetched = False
+            runtime.pin(ranked[:count], cache.budget)
+        else:
+            runtime.pin(ranked, int(config.pinned_fraction * cache.budget))
     if use_shadow:
         runtime.build_shadow([(layer, b.experts.num_experts) for layer, b in blocks], config.shadow_bits, config.shadow_group_size)
     runtime.startup_bytes = runtime.counters.bytes_moved
