@@ -57,6 +57,7 @@ MODES = {
     "resident": DecoderConfig(mode="resident"),
     "ondemand": DecoderConfig(mode="ondemand", eviction=LRU),
     "pregate": DecoderConfig(mode="pregate", eviction=LRU),
+    "remote": DecoderConfig(mode="remote", eviction=LRU),  # only where the source can compute (grpc)
     "specmoe-shadow-k4": DecoderConfig(mode="specmoe", draft_policy="shadow", k=4, eviction=LRU),
     "specmoe-shadow-auto": DecoderConfig(mode="specmoe", draft_policy="shadow", k="auto", eviction=LRU),
     "specmoe-resident-k4": DecoderConfig(mode="specmoe", draft_policy="resident", k=4, eviction=LRU),
@@ -146,6 +147,9 @@ def run(cfg: BenchConfig) -> dict:
                 rows.append({"transport": transport, "batch": batch, "mode": "transformers", "exact": True, **metrics})
                 resident = None
                 for name, decoder in MODES.items():
+                    if decoder.mode_spec.remote and getattr(fetch, "compute", None) is None:
+                        print(f"[bench] {transport}: no remote row, this source cannot compute", file=sys.stderr)
+                        continue
                     decoder = DecoderConfig(**{**asdict(decoder), "cache_budget": cfg.cache_budget, "profile": profile})
                     # best of --repeats: the machine is shared, and noise only ever slows a run down
                     runs = [run_mode(cfg, decoder, prompts, fetch) for _ in range(cfg.repeats)]
