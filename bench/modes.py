@@ -57,6 +57,7 @@ MODES = {
     "resident": DecoderConfig(mode="resident"),
     "ondemand": DecoderConfig(mode="ondemand", eviction=LRU),
     "pregate": DecoderConfig(mode="pregate", eviction=LRU),
+    "history": DecoderConfig(mode="history", eviction=LRU),
     "remote": DecoderConfig(mode="remote", eviction=LRU),  # only where the source can compute (grpc)
     "specmoe-shadow-k4": DecoderConfig(mode="specmoe", draft_policy="shadow", k=4, eviction=LRU),
     "specmoe-shadow-auto": DecoderConfig(mode="specmoe", draft_policy="shadow", k="auto", eviction=LRU),

@@ -25,6 +25,8 @@ class Mode:
     speculative: rounds draft k tokens and verify them (k = 0 otherwise)
     lookahead:   every exact pass requests layer l+1's experts from layer l's hidden state
                  (prefill always does, in every offloaded mode)
+    history:     prefetch from routing history (specmoe.history): after each exact layer, the
+                 next two MoE layers' likeliest experts given the current routing
     remote:      every needed expert that is not resident, staged or in flight runs on its
                  store (activations move, not weights); needs a source with ``compute``
     static_hot:  the cache is only a pinned hot set, this share of all experts (the routing
@@ -39,6 +41,7 @@ class Mode:
     help: str
     remote: bool = False
     static_hot: float | None = None
+    history: bool = False
 
 
 MODES: dict[str, Mode] = {m.name: m for m in (
@@ -50,6 +53,8 @@ MODES: dict[str, Mode] = {m.name: m for m in (
          help="draft, prefetch the draft's predicted experts, verify"),
     Mode("remote", offloaded=True, speculative=False, lookahead=False, remote=True,
          help="run every non-resident expert on its store, moving activations (needs --experts grpc)"),
+    Mode("history", offloaded=True, speculative=False, lookahead=False, history=True,
+         help="prefetch the next layers' likeliest experts from decayed routing history (MoE-Infinity's, training-free)"),
     Mode("caching", offloaded=True, speculative=False, lookahead=False, static_hot=0.10,
          help="a static hot set (the routing profile's top 10% of experts) pinned, misses fetched on demand and not kept"),
 )}

@@ -164,6 +164,7 @@ class ExpertRuntime:
         # remote compute (optional): compute_fn(layer, expert, x [n, H]) -> future of [n, H]
         self.compute_fn = None
         self.always_remote = False  # the remote mode: every miss runs on its store
+        self.history = None  # the history mode: a RoutingHistory fed by exact passes, prefetching from it
         self.remote_cost_factor = 4.0  # a remote call costs more than its bytes (latency, store CPU)
         self.hidden_size = self.expert_bytes = 0
         self.item_size = torch.empty((), dtype=dtype).element_size()
@@ -339,11 +340,22 @@ class ExpertRuntime:
                 allowed = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)  # [E]
                 allowed[list(self.cache.resident(router.layer))] = True
                 weights, indices = router.select(logits, allowed)
+        elif self.history is not None:
+            self._prefetch_from_history(router.layer, indices)
         elif self.lookahead and not self.always_remote and router.layer in self.next_router:
             nxt = self.next_router[router.layer]
             _, ahead = nxt.select(F.linear(x, nxt.weight))  # [N, K]
             self.request(nxt.layer, sorted(set(ahead.reshape(-1).tolist())), prefetch=True)  # sync: see above
         return logits, weights, indices
+
+
+    def _prefetch_from_history(self, layer: int, indices: torch.Tensor) -> None:
+        """Record this exact pass's routing, then request the next two MoE layers' likeliest
+        experts given it (as many per layer as this layer uses now)."""
+        self.history.observe(layer, indices)  # sync: inside, the history lives on the host
+        current = sorted(set(self.history.last[layer].reshape(-1).tolist()))
+        for nxt, experts in self.history.predict(layer, current, depth=2, width=len(current)).items():
+            self.request(nxt, experts, prefetch=True)
 
 
 @register_experts_function("offloaded")
@@ -410,6 +422,10 @@ def attach_runtime(model, fetch: FetchFn, config, device: torch.device | str = "
             raise ValueError(f"{what} needs a source that can run experts on their store (the grpc transport)")
         runtime.compute_fn = compute
         runtime.always_remote = config.mode_spec.remote
+    if config.mode_spec.history:
+        from specmoe.history import RoutingHistory
+
+        runtime.history = RoutingHistory(runtime.num_experts)
     for (layer, block), nxt in zip(blocks, blocks[1:] + [(None, None)]):
         block.experts.implementation = "offloaded"
         block.experts.runtime = runtime

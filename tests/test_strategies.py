@@ -101,3 +101,15 @@ def test_remote_mode_gives_resident_tokens_and_moves_no_expert_weights():
 def test_remote_mode_is_refused_without_a_computing_source():
     with pytest.raises(ValueError, match="mode 'remote' needs a source that can run experts"):
         Engine(EngineConfig(decoder=DecoderConfig(mode="remote")))
+
+
+def test_history_mode_gives_resident_tokens_and_prefetches_from_history():
+    prompts = [[5, 17, 99, 4], [300, 2, 41], [7, 7, 8]]
+    params = SamplingParams(max_new_tokens=12)
+    want = [o.token_ids for o in Engine(EngineConfig(max_batch_size=3)).generate(prompts, params)]
+    engine = Engine(EngineConfig(max_batch_size=3, decoder=DecoderConfig(mode="history", cache_budget=0.25)),
+                    fetch=checkpoint_fetcher(SHIPPED_MODEL))
+    assert [o.token_ids for o in engine.generate(prompts, params)] == want
+    history = engine.runtime.history
+    assert engine.runtime.counters.prefetched > 0
+    assert all(float(f.sum()) > 0 for f in history.frequency.values())  # every layer observed
