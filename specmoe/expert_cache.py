@@ -8,7 +8,7 @@ than its budget: an expert that cannot fit without evicting a pinned one is not 
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +55,9 @@ class ExpertCache:
         self.entries: OrderedDict[Key, tuple[Any, int]] = OrderedDict()  # oldest use first
         self.pinned: set[Key] = set()
         self.uses: Counter[Key] = Counter()
+        # optional: key -> predicted use (the history mode's); evict the lowest first, and refuse
+        # a newcomer predicted to be used less than every expert it would evict
+        self.priority: Callable[[Key], float] | None = None
         self.used_bytes = 0
         self.peak_bytes = 0
         self.stats = CacheStats()
@@ -120,6 +123,8 @@ class ExpertCache:
             free += self.entries[key][1]
         if free < nbytes:
             return False
+        if self.priority is not None and chosen and self.priority(newcomer) < min(map(self.priority, chosen)):
+            return False
         for key in chosen:
             self._evict(key)
         return True
@@ -129,6 +134,8 @@ class ExpertCache:
         if self.policy == "lfu":
             recency = {k: i for i, k in enumerate(candidates)}
             candidates.sort(key=lambda k: (self.uses[k], recency[k]))
+        if self.priority is not None:
+            candidates.sort(key=self.priority)  # stable: ties keep the policy's order
         return candidates
 
     def _evict(self, key: Key) -> None:

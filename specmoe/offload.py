@@ -426,6 +426,7 @@ def attach_runtime(model, fetch: FetchFn, config, device: torch.device | str = "
         from specmoe.history import RoutingHistory
 
         runtime.history = RoutingHistory(runtime.num_experts)
+        cache.priority = runtime.history.priority  # admission and eviction by recent activation share
     for (layer, block), nxt in zip(blocks, blocks[1:] + [(None, None)]):
         block.experts.implementation = "offloaded"
         block.experts.runtime = runtime

@@ -113,3 +113,16 @@ def test_history_mode_gives_resident_tokens_and_prefetches_from_history():
     history = engine.runtime.history
     assert engine.runtime.counters.prefetched > 0
     assert all(float(f.sum()) > 0 for f in history.frequency.values())  # every layer observed
+
+
+def test_cache_priority_orders_eviction_and_refuses_a_less_likely_newcomer():
+    from specmoe.expert_cache import ExpertCache
+
+    score = {(0, 0): 0.5, (0, 1): 0.1, (0, 2): 0.9, (0, 3): 0.05}
+    cache = ExpertCache(2, "lru")
+    cache.priority = score.get
+    cache.put((0, 1), "b", 1)
+    cache.put((0, 0), "a", 1)
+    cache.get((0, 1))  # LRU alone would evict (0, 0) next
+    assert cache.put((0, 2), "c", 1) and (0, 1) not in cache and (0, 0) in cache
+    assert not cache.put((0, 3), "d", 1) and set(cache.entries) == {(0, 0), (0, 2)}
