@@ -126,3 +126,32 @@ def test_cache_priority_orders_eviction_and_refuses_a_less_likely_newcomer():
     cache.get((0, 1))  # LRU alone would evict (0, 0) next
     assert cache.put((0, 2), "c", 1) and (0, 1) not in cache and (0, 0) in cache
     assert not cache.put((0, 3), "d", 1) and set(cache.entries) == {(0, 0), (0, 2)}
+
+
+@pytest.fixture(scope="module")
+def grpc_store(tmp_path_factory):
+    from actors.grpc_service import ExpertTable, ServerConfig, serve_experts
+    from specmoe.shards import PrepareConfig, prepare
+
+    shards = tmp_path_factory.mktemp("shards") / "shipped"
+    prepare(PrepareConfig(SHIPPED_MODEL, shards), progress=False)
+    server, port = serve_experts(ExpertTable(shards), ServerConfig(token="s3cret"))
+    yield f"127.0.0.1:{port}"
+    server.stop(grace=None)
+
+
+@pytest.mark.cluster
+def test_remote_mode_over_grpc_gives_resident_tokens(grpc_store):
+    from actors.grpc_source import GrpcConfig, GrpcSource
+
+    prompts = [[5, 17, 99, 4], [300, 2, 41]]
+    params = SamplingParams(max_new_tokens=12)
+    want = [o.token_ids for o in Engine(EngineConfig(max_batch_size=2)).generate(prompts, params)]
+    source = GrpcSource([grpc_store], GrpcConfig(token="s3cret"))
+    try:
+        engine = Engine(EngineConfig(max_batch_size=2, decoder=DecoderConfig(mode="remote")), fetch=source)
+        assert [o.token_ids for o in engine.generate(prompts, params)] == want
+        counters = engine.runtime.counters
+        assert counters.remote_computes == counters.misses > 0 and counters.bytes_moved == 0
+    finally:
+        source.close()
