@@ -32,7 +32,11 @@ def add_decoder_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where experts live and how transfers are hidden: "
                              + "; ".join(f"{m.name}: {m.help}" for m in MODES.values()).replace("%", "%%"))
     parser.add_argument("--draft-policy", choices=DRAFT_POLICIES, default=default.draft_policy,
-                        help="how specmoe drafts without moving bytes")
+                        help="how specmoe drafts without moving bytes: resident experts only, a low-bit shadow of "
+                             "every expert, or hot (the paper's: a few pinned experts per layer, a pick outside them "
+                             "replaced by its nearest pinned expert)")
+    parser.add_argument("--hot-experts", type=int, default=default.hot_experts,
+                        help="pinned experts per layer of the hot draft policy")
     parser.add_argument("--migration", choices=MIGRATIONS, default=default.migration,
                         help="when specmoe requests the draft's predicted experts: eager (as each draft step predicts "
                              "them) or deferred (once, coalesced, when verification starts)")
@@ -119,6 +123,7 @@ def decoder_config(args: argparse.Namespace):
         profile=args.profile,
         remote_compute=args.remote_compute,
         migration=args.migration,
+        hot_experts=args.hot_experts,
     )
 
 

@@ -13,7 +13,7 @@ from specmoe.loader import parse_dtype
 from specmoe.quant import check_group_size
 
 SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "models" / "shakespeare-tiny-moe"
-DRAFT_POLICIES = ("resident", "shadow")
+DRAFT_POLICIES = ("resident", "shadow", "hot")
 MIGRATIONS = ("eager", "deferred")
 
 
@@ -69,6 +69,11 @@ class DecoderConfig:
                      prefetch the draft's predicted experts, verify)
     draft_policy:    resident (draft with resident experts only) | shadow (draft with a low-bit
                      copy of every expert)
+                     | hot (the paper's: a pick outside the layer's hot_experts pinned experts, the
+                     ones recent verification passes used most, drafts with its nearest pinned
+                     expert by L2 distance of the flattened [gate_up; down] weights, keeping the
+                     router's weight)
+    hot_experts:     experts per layer the hot draft policy drafts with
     k:               draft tokens per round, an integer in [0, k_max] or "auto" (adaptive)
     cache_budget:    expert cache size, the unit in the syntax: a fraction of all expert bytes
                      (0.25, "25%"; in (0, 1]) or a size ("64MB", "1.5GiB", "1000000B")
@@ -92,6 +97,7 @@ class DecoderConfig:
     profile: str | Path | None = None
     remote_compute: bool = False
     migration: str = "eager"
+    hot_experts: int = 4
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -101,6 +107,8 @@ class DecoderConfig:
         if self.mode_spec.static_hot is not None and self.profile is None:
             raise ValueError(f"mode {self.mode!r} pins the routing profile's hottest experts: give a profile "
                              "(`specmoe profile` writes one)")
+        if not (isinstance(self.hot_experts, int) and self.hot_experts >= 1):
+            raise ValueError(f"hot_experts must be an integer >= 1, got {self.hot_experts!r}")
         if self.migration not in MIGRATIONS:
             raise ValueError(f"unknown migration {self.migration!r}; allowed: {', '.join(MIGRATIONS)}")
         if self.k_max < 0:

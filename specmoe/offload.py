@@ -25,6 +25,7 @@ Letters as in ``specmoe.layers``.
 from __future__ import annotations
 
 import time
+from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -35,6 +36,8 @@ import torch.nn.functional as F
 from specmoe.config import DRAFT_POLICIES
 from specmoe.expert_cache import ExpertCache, Key
 from specmoe.layers import Experts, register_experts_function, run_experts
+
+HOT_WINDOW = 4  # hot draft policy: the exact passes whose expert use chooses the pinned set
 
 # What a source delivers for one expert: (gate_up [2I, H], down [H, I]).
 ExpertTensors = tuple[torch.Tensor, torch.Tensor]
@@ -154,6 +157,11 @@ class ExpertRuntime:
         self.phase = "exact"
         self.lookahead = False
         self.keep_fetched = True  # False: fetched experts serve their pass and are not cached (static hot set)
+        self.affinity: dict[int, dict[int, list[int]]] = {}  # hot policy: layer -> expert -> others, nearest first
+        self.hot_experts = 4  # hot policy: pinned experts per layer (attach_runtime passes DecoderConfig's)
+        self.recent_use: deque[dict[int, set[int]]] = deque(maxlen=HOT_WINDOW)  # experts the last exact passes used
+        self.used: dict[int, set[int]] = {}  # this round's exact pass
+        self.hot: dict[int, set[int]] = {}  # this round's hot set per layer
         self.deferred = False  # migration: hold the draft's predictions until verification starts
         self.predicted_waiting: dict[int, set[int]] = {}  # layer -> predicted experts not yet requested
         self.in_flight: dict[Key, Future] = {}
@@ -224,6 +232,8 @@ class ExpertRuntime:
             self.cache.put(key, (gate_up, down), gate_up.nbytes + down.nbytes)
         self.staged.clear()
         self.decoded.clear()
+        self.recent_use.append(self.used)
+        self.used, self.hot = {}, {}
 
     def abandon_round(self) -> None:
         """A round failed: forget its requests in flight (some may have failed), what it
@@ -233,6 +243,7 @@ class ExpertRuntime:
         self.decoded.clear()
         self.counters.predicted, self.counters.needed = {}, {}
         self.predicted_waiting = {}
+        self.used, self.hot = {}, {}
         self.phase = "exact"
 
     # -- setting up -----------------------------------------------------------------------
@@ -274,6 +285,7 @@ class ExpertRuntime:
         if self.phase == "draft":
             return {e: self._draft_weights((layer, e)) for e in experts}
         self.counters.needed.setdefault(layer, set()).update(experts)
+        self.used.setdefault(layer, set()).update(experts)
         out = {}
         for e in experts:
             hit = self.cache.get((layer, e))
@@ -324,6 +336,28 @@ class ExpertRuntime:
             return self.decoded[key]
         return None  # resident policy: only reachable with weight 0 (fewer resident than top-k)
 
+    # -- the hot draft policy -------------------------------------------------------------
+
+    def _available(self, key: Key) -> bool:
+        return self.cache.peek(key) is not None or key in self.staged or (key in self.in_flight and self.in_flight[key].done())
+
+    def hot_set(self, layer: int) -> set[int]:
+        """The layer's pinned draft experts this round: the ``hot_experts`` resident ones the last
+        exact passes used most (ties: lower id). Chosen among experts already here: moves no bytes."""
+        if layer not in self.hot:
+            uses = Counter(e for used in self.recent_use for e in used.get(layer, ()))
+            resident = sorted(self.cache.resident(layer), key=lambda e: (-uses[e], e))
+            self.hot[layer] = set(resident[: self.hot_experts])
+        return self.hot[layer]
+
+    def substitute(self, layer: int, indices: torch.Tensor) -> torch.Tensor:
+        """Draft routing of the hot policy: a pick whose exact weights are not here becomes its
+        nearest pinned expert (the router's weight is kept by the caller). [N, K] -> [N, K]"""
+        hot = self.hot_set(layer)
+        table = [e if not hot or self._available((layer, e)) else next(o for o in self.affinity[layer][e] if o in hot)
+                 for e in range(self.num_experts[layer])]
+        return torch.tensor(table, device=indices.device)[indices]
+
     # -- router hooks ---------------------------------------------------------------------
 
     def route(self, router, x, logits, weights, indices):
@@ -336,7 +370,9 @@ class ExpertRuntime:
                 self.predicted_waiting.setdefault(router.layer, set()).update(predicted)
             else:
                 self.request(router.layer, predicted, prefetch=True)
-            if self.draft_policy == "resident":
+            if self.draft_policy == "hot":
+                indices = self.substitute(router.layer, indices)
+            elif self.draft_policy == "resident":
                 allowed = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)  # [E]
                 allowed[list(self.cache.resident(router.layer))] = True
                 weights, indices = router.select(logits, allowed)
@@ -364,6 +400,16 @@ def offloaded_experts(experts: Experts, hidden_states, top_k_index, top_k_weight
     return run_experts(
         experts, hidden_states, top_k_index, top_k_weights, lambda tokens: experts.runtime.weights(experts.layer, tokens)
     )
+
+
+def expert_affinity(weights: dict[int, ExpertTensors]) -> dict[int, list[int]]:
+    """Each expert's other experts, nearest first (ties: lower id): the L2 distance between the
+    experts' flattened [gate_up; down] weights, in fp32."""
+    ids = sorted(weights)
+    flat = torch.stack([torch.cat([g.float().reshape(-1), d.float().reshape(-1)]) for g, d in map(weights.get, ids)])  # [E, P]
+    dist = torch.cdist(flat[None], flat[None])[0]  # [E, E]
+    order = [sorted(range(len(ids)), key=lambda j: (dist[i, j].item(), ids[j])) for i in range(len(ids))]
+    return {e: [ids[j] for j in order[i] if j != i] for i, e in enumerate(ids)}
 
 
 def completed(value) -> Future:
@@ -414,6 +460,7 @@ def attach_runtime(model, fetch: FetchFn, config, device: torch.device | str = "
     )
     runtime.total_expert_bytes = total
     runtime.deferred = config.migration == "deferred"
+    runtime.hot_experts = config.hot_experts
     runtime.hidden_size = hidden
     runtime.expert_bytes = min(expert_bytes.values())
     if config.remote_compute or config.mode_spec.remote:
@@ -447,6 +494,9 @@ def attach_runtime(model, fetch: FetchFn, config, device: torch.device | str = "
             runtime.pin(ranked, int(config.pinned_fraction * cache.budget))
     if use_shadow:
         runtime.build_shadow([(layer, b.experts.num_experts) for layer, b in blocks], config.shadow_bits, config.shadow_group_size)
+    if config.speculative and config.draft_policy == "hot":
+        for layer, block in blocks:  # computed here from the experts themselves: moves each once at start-up
+            runtime.affinity[layer] = expert_affinity(runtime.fetch_now(layer, list(range(block.experts.num_experts))))
     runtime.startup_bytes = runtime.counters.bytes_moved
     runtime.counters = FetchCounters()
     return runtime
