@@ -40,10 +40,11 @@ class ServiceBenchConfig:
     prompt_len: int = 32
     new_tokens: int = 32
     transport: str = "ray"
+    link_r: float | None = None  # None: the raw link; else an emulated link at this R (specmoe.link)
     out: str = str(REPO / "bench" / "results")
 
 
-def spec_for(cfg: ServiceBenchConfig, mode: str):
+def spec_for(cfg: ServiceBenchConfig, mode: str, link=None):
     from cluster.deployment import CoordinatorSpec, DecodersSpec, DeploymentSpec, ModelSpec, TransportSpec
     from specmoe.config import DecoderConfig
 
@@ -51,7 +52,7 @@ def spec_for(cfg: ServiceBenchConfig, mode: str):
     return DeploymentSpec(
         name=f"bench-{mode}",
         model=ModelSpec(path=cfg.model),
-        transport=TransportSpec(kind=cfg.transport),
+        transport=TransportSpec(kind=cfg.transport, link=link),
         decoders=DecodersSpec(count=1, max_batch_size=batch, config=DecoderConfig(mode=mode)),
         coordinator=CoordinatorSpec(max_batch_per_decoder=batch),
     )
@@ -128,10 +129,17 @@ def run(cfg: ServiceBenchConfig) -> dict:
 
     prompts = validation_prompts(load_tokenizer(cfg.model), max(cfg.clients) * cfg.requests, cfg.prompt_len)
     params = GenerationParams(max_new_tokens=cfg.new_tokens, ignore_eos=True)
-    rows, tokens = [], {}
+    rows, tokens, link = [], {}, None
+    if cfg.link_r is not None:
+        from specmoe.link import LinkConfig, link_for_r
+
+        calibration = link_for_r(cfg.model, cfg.link_r)
+        link = LinkConfig(gbps=calibration.gbps)
+        print(f"[bench] emulated link at R={cfg.link_r:g}: resident step {1000 * calibration.step_s:.2f} ms, "
+              f"{calibration.active_bytes} active expert bytes per token -> {calibration.gbps:.4g} GB/s", file=sys.stderr)
     with LocalCluster(ClusterSpec(stores=1, decoders=1)):
         for mode in MODES:
-            client = connect(spec=spec_for(cfg, mode))  # joins this cluster, builds the deployment
+            client = connect(spec=spec_for(cfg, mode, link))  # joins this cluster, builds the deployment
             try:
                 client.generate([prompts[0]], GenerationParams(max_new_tokens=4, ignore_eos=True))  # warm up
                 for clients in cfg.clients:
@@ -145,7 +153,8 @@ def run(cfg: ServiceBenchConfig) -> dict:
     for row in rows:  # greedy: every mode's tokens equal ondemand's for the same prompt
         ours, base = tokens[(row["mode"], row["clients"])], tokens[("ondemand", row["clients"])]
         row["exact"] = all(ours[i] == base[i] for i in ours)
-    config = {**asdict(cfg), "model": repo_relative(cfg.model), "out": repo_relative(cfg.out)}
+    config = {**asdict(cfg), "model": repo_relative(cfg.model), "out": repo_relative(cfg.out),
+              "link_gbps": link.gbps if link else None}
     return {"config": config, "machine": machine_info(), "command": command_line(), "rows": rows}
 
 
@@ -160,7 +169,10 @@ def markdown(report: dict) -> str:
     lines = [f"# The service under load: {Path(cfg['model']).name}", "",
              f"Command: `{report['command']}`", "",
              f"Machine: {m['cpu']}, {m['cpu_count']} cores, torch {m['torch']}, {m['date']}. A local multi-node Ray "
-             f"cluster (one store node, one decoder node, experts over `{cfg['transport']}`); each client streams "
+             f"cluster (one store node, one decoder node, experts over `{cfg['transport']}`"
+             + (f", behind an emulated link at R = {cfg['link_r']:g}: {cfg['link_gbps']:.4g} GB/s, one FIFO per decoder"
+                if cfg.get("link_r") is not None else ", this machine's raw loopback link")
+             + "); each client streams "
              f"{cfg['requests']} requests in turn through `specmoe.connect()`, {cfg['new_tokens']} greedy tokens per "
              f"prompt of {cfg['prompt_len']} tokens. Times are what a client sees (submit to first token; first to last "
              "token per later token). One run per level on a shared machine (its load average at each level is in the JSON).", "",
@@ -199,7 +211,9 @@ def plot(report: dict, path: str) -> None:
     axes[0].legend(fontsize=8)
     axes[1].legend(fontsize=7)
     fig.suptitle(f"the service through the client API ({Path(report['config']['model']).name}, experts over "
-                 f"{report['config']['transport']})")
+                 f"{report['config']['transport']}"
+                 + (f", emulated link at R = {report['config']['link_r']:g}" if report['config'].get("link_r") is not None else "")
+                 + ")")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -213,12 +227,14 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--transport", choices=["ray", "grpc"], default="ray")
+    parser.add_argument("--link-r", type=float, default=None,
+                        help="put the experts behind an emulated link at this R (default: the raw link)")
     parser.add_argument("--out", default=ServiceBenchConfig.out)
     cfg = ServiceBenchConfig(**vars(parser.parse_args(argv)))
     if min(cfg.clients) < 1 or cfg.requests < 1 or cfg.new_tokens < 2:
         raise SystemExit("need --clients >= 1, --requests >= 1 and --new-tokens >= 2")
     report = run(cfg)
-    stem = Path(cfg.out) / f"service-{Path(cfg.model).name}"
+    stem = Path(cfg.out) / (f"service-{Path(cfg.model).name}" + (f"-r{cfg.link_r:g}" if cfg.link_r is not None else ""))
     write_results(stem, report, markdown(report))
     plot(report, f"{stem}-latency.png")
     print(markdown(report))

@@ -20,7 +20,8 @@ from specmoe.link import EmulatedLink, LinkConfig
 from specmoe.offload import checkpoint_fetcher
 from specmoe.sampling import SamplingParams, keyed_choice, position_noise, probabilities
 from specmoe.speculative import accept_sampled, pad_drafts
-from test_speculative_sampling import PARAMS, PROMPT, SAMPLES, VOCAB, DraftBias, chi_square_bound, peaked_model  # noqa: F401
+from test_speculative_sampling import (PARAMS, PROMPT, SAMPLES, VOCAB, DraftBias, chi_square_against_the_target,  # noqa: F401
+                                      chi_square_bound, peaked_model)
 
 PROMPTS = ["ROMEO:\nBut soft, what light", "First Citizen:\nWe are"]
 SEEDED = SamplingParams(max_new_tokens=40, temperature=0.9, top_p=0.95, seed=1234, ignore_eos=True)
@@ -97,8 +98,6 @@ def test_the_coupled_rule_accepts_exactly_where_draft_and_target_draws_agree():
 
 
 def test_seeded_speculative_sampling_keeps_the_target_distribution_with_a_draft_that_is_often_wrong(peaked_model):  # noqa: F811
-    from transformers import AutoModelForCausalLM
-
     decoder = DecoderConfig(mode="specmoe", draft_policy="resident", k=3, cache_budget=1.0)
     engine = Engine(EngineConfig(model=peaked_model, max_batch_size=100, decoder=decoder))
     bias = 3.0 * torch.randn(VOCAB, generator=torch.Generator().manual_seed(0))
@@ -113,20 +112,6 @@ def test_seeded_speculative_sampling_keeps_the_target_distribution_with_a_draft_
     samples = torch.tensor([got[i] for i in ids])  # [S, 4]
     assert trials > SAMPLES and 0.2 <= accepted / trials <= 0.5  # the draft is often wrong
 
-    hf = AutoModelForCausalLM.from_pretrained(peaked_model, dtype=torch.float32).eval()
-    full = torch.cat([torch.tensor(PROMPT).expand(SAMPLES, -1), samples], dim=1)  # [S, P+4]
-    with torch.inference_mode():
-        logits = hf(full).logits[:, len(PROMPT) - 1 : -1]  # [S, 4, V]
-    target = probabilities(logits, SamplingParams(**PARAMS))  # [S, 4, V]
-    stat, df = 0.0, 0
-    for j in range(samples.shape[1]):
-        observed = torch.bincount(samples[:, j], minlength=VOCAB).double()  # [V]
-        expected = target[:, j].double().sum(dim=0)  # [V]
-        big = expected >= 5
-        observed = torch.cat([observed[big], observed[~big].sum()[None]])
-        expected = torch.cat([expected[big], expected[~big].sum()[None]])
-        keep = expected > 0
-        stat += float(((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum())
-        df += int(keep.sum()) - 1
+    stat, df = chi_square_against_the_target(peaked_model, samples)
     assert df >= 8
     assert stat < chi_square_bound(df), (stat, df)

@@ -52,6 +52,27 @@ class DraftBias(nn.Module):
         return logits + self.bias if self.runtime.phase == "draft" else logits
 
 
+def chi_square_against_the_target(model_dir, samples: torch.Tensor) -> tuple[float, int]:
+    """Pearson's statistic of ``samples`` [S, 4] (after ``PROMPT``) against the distribution
+    transformers gives each position, per position (expected counts under 5 pooled); and its df."""
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = torch.cat([torch.tensor(PROMPT).expand(len(samples), -1), samples], dim=1)  # [S, P+4]
+    with torch.inference_mode():
+        logits = hf(ids).logits[:, len(PROMPT) - 1 : -1]  # [S, 4, V]: the target for each new token
+    target = probabilities(logits, SamplingParams(**PARAMS))  # [S, 4, V]
+    stat, df = 0.0, 0
+    for j in range(samples.shape[1]):
+        observed = torch.bincount(samples[:, j], minlength=VOCAB).double()  # [V]
+        expected = target[:, j].double().sum(dim=0)  # [V]
+        big = expected >= 5
+        observed = torch.cat([observed[big], observed[~big].sum()[None]])
+        expected = torch.cat([expected[big], expected[~big].sum()[None]])
+        keep = expected > 0
+        stat += float(((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum())
+        df += int(keep.sum()) - 1
+    return stat, df
+
+
 def chi_square_bound(df: int, z: float = 3.72) -> float:
     """The chi-square quantile with ``df`` degrees of freedom at one-sided normal quantile ``z``
     (3.72: p = 1e-4), by the Wilson-Hilferty approximation."""
@@ -75,20 +96,6 @@ def test_engine_samples_the_target_distribution_with_a_draft_that_is_often_rejec
     samples = torch.tensor([got[i] for i in ids])  # [S, 4]
     assert trials > SAMPLES and 0.25 <= accepted / trials <= 0.65  # the draft is often rejected (about 0.36 of its tokens accepted)
 
-    hf = AutoModelForCausalLM.from_pretrained(peaked_model, dtype=torch.float32).eval()
-    ids = torch.cat([torch.tensor(PROMPT).expand(SAMPLES, -1), samples], dim=1)  # [S, P+4]
-    with torch.inference_mode():
-        logits = hf(ids).logits[:, len(PROMPT) - 1 : -1]  # [S, 4, V]: the target for each new token
-    target = probabilities(logits, SamplingParams(**PARAMS))  # [S, 4, V]
-    stat, df = 0.0, 0
-    for j in range(samples.shape[1]):
-        observed = torch.bincount(samples[:, j], minlength=VOCAB).double()  # [V]
-        expected = target[:, j].double().sum(dim=0)  # [V]
-        big = expected >= 5
-        observed = torch.cat([observed[big], observed[~big].sum()[None]])
-        expected = torch.cat([expected[big], expected[~big].sum()[None]])
-        keep = expected > 0
-        stat += float(((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum())
-        df += int(keep.sum()) - 1
+    stat, df = chi_square_against_the_target(peaked_model, samples)
     assert df >= 8  # enough likely tokens per position for the test to see a wrong distribution
     assert stat < chi_square_bound(df), (stat, df)
