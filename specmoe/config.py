@@ -178,6 +178,11 @@ def parse_budget(value: str | float, name: str = "--cache-budget") -> CacheBudge
     return CacheBudget(nbytes=int(nbytes))
 
 
+def default_max_model_len(hf_config, configured: int | None = None) -> int:
+    """The context length a decoder serves: ``configured``, else the model's, at most 2048."""
+    return configured or min(hf_config.max_position_embeddings, 2048)
+
+
 @dataclass
 class EngineConfig:
     """How to run a model."""
@@ -186,7 +191,7 @@ class EngineConfig:
     dtype: str = "fp32"
     device: str = "cpu"
     max_batch_size: int = 16
-    max_model_len: int | None = None  # default: min(max_position_embeddings, 2048)
+    max_model_len: int | None = None  # default: default_max_model_len(hf_config)
     max_prefill_tokens: int = 4096
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from specmoe.adaptive import SpeculationController
-from specmoe.config import DecoderConfig, EngineConfig
+from specmoe.config import DecoderConfig, EngineConfig, default_max_model_len
 from specmoe.kv_cache import KVCache
 from specmoe.loader import load_model, read_config
 from specmoe.metrics import RoundCounters
@@ -94,7 +94,7 @@ class Engine:
             self.runtime = attach_runtime(model, fetch, dec, config.device, compute)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
         self.eos_token_ids = eos_token_ids(config.model, self.hf_config)
-        self.max_model_len = config.max_model_len or min(self.hf_config.max_position_embeddings, 2048)
+        self.max_model_len = default_max_model_len(self.hf_config, config.max_model_len)
         layers, kv_heads, head_dim = model.kv_shape()
         dtype = next(model.parameters()).dtype
         self.cache = KVCache(layers, config.max_batch_size, self.max_model_len, kv_heads, head_dim, dtype, config.device)

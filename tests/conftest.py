@@ -134,6 +134,26 @@ def shipped_model() -> Path:
     return SHIPPED_MODEL
 
 
+@pytest.fixture(scope="session")
+def shards(shipped_model, tmp_path_factory) -> Path:
+    """The shipped model prepared for expert stores (read-only: a test that corrupts one copies it)."""
+    from specmoe.shards import PrepareConfig, prepare
+
+    out = tmp_path_factory.mktemp("shipped-shards") / "shipped"
+    prepare(PrepareConfig(shipped_model, out), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def expected(shipped_model) -> dict:
+    """(layer, expert) -> (gate_up, down) of the shipped model, read from its checkpoint."""
+    from specmoe.models import model_class
+    from specmoe.weights import Checkpoint, ExpertReader
+
+    reader = ExpertReader(Checkpoint(shipped_model), model_class("mixtral").checkpoint_names)
+    return {(layer, e): reader.read(layer, e) for layer in reader.layers for e in range(8)}
+
+
 def pytest_collection_modifyitems(config, items):
     """GPU tests need CUDA; everywhere else they are reported as skipped, with the reason."""
     if torch.cuda.is_available():

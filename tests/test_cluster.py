@@ -19,10 +19,7 @@ from cluster.local import ClusterSpec, LocalCluster
 from actors.decoder import decoder_actor
 from actors.expert_store import store_actor
 from specmoe.config import DecoderConfig, EngineConfig
-from specmoe.models import model_class
 from specmoe.sampling import SamplingParams
-from specmoe.shards import PrepareConfig, prepare
-from specmoe.weights import Checkpoint, ExpertReader
 
 pytestmark = pytest.mark.cluster
 
@@ -31,19 +28,6 @@ pytestmark = pytest.mark.cluster
 def cluster():
     with LocalCluster(ClusterSpec(stores=2, decoders=1, head_cpus=1, decoder_cpus=1, object_store_mb=200)) as c:
         yield c
-
-
-@pytest.fixture(scope="module")
-def shards(shipped_model, tmp_path_factory):
-    out = tmp_path_factory.mktemp("cluster-shards") / "shipped"
-    prepare(PrepareConfig(shipped_model, out), progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
-def expected(shipped_model):
-    reader = ExpertReader(Checkpoint(shipped_model), model_class("mixtral").checkpoint_names)
-    return {(layer, e): reader.read(layer, e) for layer in reader.layers for e in range(8)}
 
 
 def deploy_stores(model, shards, name: str, count: int, replication: int = 1, max_restarts: int = 0, kind: str = "ray"):

@@ -239,31 +239,27 @@ def test_another_process_connects_by_address_to_the_same_coordinator(client, ref
     assert client.metrics()["submitted"] >= 1  # served by this deployment's coordinator
 
 
-def test_killing_a_decoder_mid_generation_loses_no_token(client, reference):
-    decoder = client.deployment.decoders[0]
-    prompts = PROMPTS[10:18]
-    kill = when_all_started(len(prompts), lambda: ray.kill(decoder, no_restart=True))
-    params = [GenerationParams(max_new_tokens=40, ignore_eos=True)] * len(prompts)
-    out = stream_all(client, prompts, params, kill)
+def kill_decoder_mid_generation(client, reference, index: int, prompts, tokens: int, restart: bool) -> dict:
+    """Stream ``prompts``, kill decoder ``index`` once every stream has tokens; every stream must
+    still equal the engine's, exactly once. Returns the coordinator's metrics once idle."""
+    decoder = client.deployment.decoders[index]
+    kill = when_all_started(len(prompts), lambda: ray.kill(decoder, no_restart=not restart))
+    out = stream_all(client, prompts, [GenerationParams(max_new_tokens=tokens, ignore_eos=True)] * len(prompts), kill)
     assert kill.fired.is_set()
     for prompt, pieces in zip(prompts, out):
-        assert_exactly_once(pieces, reference(prompt, 40), reference.tokenizer)
-    m = wait_idle(client)
+        assert_exactly_once(pieces, reference(prompt, tokens), reference.tokenizer)
+    return wait_idle(client)
+
+
+def test_killing_a_decoder_mid_generation_loses_no_token(client, reference):
+    m = kill_decoder_mid_generation(client, reference, 0, PROMPTS[10:18], 40, restart=False)
     assert m["readmitted"] >= 1 and not m["decoders"][0]["live"] and m["decoders"][1]["live"]
 
 
 def test_a_crashed_decoder_is_restarted_by_ray_and_serves_again(client, reference):
     """The last live decoder crashes (decoders.max_restarts: Ray restarts it, empty): its requests
     wait in the queue until the coordinator's probe finds it alive again, then finish exactly."""
-    decoder = client.deployment.decoders[1]
-    prompts = PROMPTS[18:22]
-    crash = when_all_started(len(prompts), lambda: ray.kill(decoder, no_restart=False))
-    params = [GenerationParams(max_new_tokens=24, ignore_eos=True)] * len(prompts)
-    out = stream_all(client, prompts, params, crash)
-    assert crash.fired.is_set()
-    for prompt, pieces in zip(prompts, out):
-        assert_exactly_once(pieces, reference(prompt, 24), reference.tokenizer)
-    m = wait_idle(client)
+    m = kill_decoder_mid_generation(client, reference, 1, PROMPTS[18:22], 24, restart=True)
     assert m["decoders"][1]["live"] and m["readmitted"] >= 1
 
 

@@ -32,26 +32,11 @@ from protos import expert_service_pb2_grpc as pb2_grpc
 from specmoe.config import DecoderConfig, EngineConfig
 from specmoe.engine import Engine
 from specmoe.expert_source import ExpertUnavailableError
-from specmoe.models import model_class
 from specmoe.sampling import SamplingParams
-from specmoe.shards import EXPERT_TENSORS, PrepareConfig, ShardReader, prepare
-from specmoe.weights import Checkpoint, ExpertReader
+from specmoe.shards import EXPERT_TENSORS, ShardReader
 
 RESTART_S = 3.0  # how much longer a SlowRestartStore takes to restart than to start
 FAST = dict(timeout_s=10.0, probe_timeout_s=0.5, retry_after_s=1.0)  # short waits: a test should not sit out 30 s
-
-
-@pytest.fixture(scope="module")
-def shards(shipped_model, tmp_path_factory):
-    out = tmp_path_factory.mktemp("fault-shards") / "shipped"
-    prepare(PrepareConfig(shipped_model, out), progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
-def expected(shipped_model):
-    reader = ExpertReader(Checkpoint(shipped_model), model_class("mixtral").checkpoint_names)
-    return {(layer, e): reader.read(layer, e) for layer in reader.layers for e in range(8)}
 
 
 # -- Ray: stores that die or restart --------------------------------------------------------

@@ -167,11 +167,11 @@ class ServedModel:
     @classmethod
     def load(cls, spec, name: str | None) -> ServedModel:
         from specmoe.engine import load_tokenizer
+        from specmoe.config import default_max_model_len
         from specmoe.loader import read_config
 
         hf = read_config(spec.model.path)
-        # the engine's default context length (specmoe/engine.py): max_position_embeddings, at most 2048
-        max_len = spec.model.max_model_len or min(hf.max_position_embeddings, 2048)
+        max_len = default_max_model_len(hf, spec.model.max_model_len)  # what the decoders serve
         return cls(name or Path(spec.model.path).name, max_len, hf.vocab_size, load_tokenizer(spec.model.path),
                    int(time.time()))
 
