@@ -1,7 +1,8 @@
 """Draft policies under a real link's timing, and what the metrics say about them.
 
-An in-process source delivers every expert at once, so a draft never needs its policy: the
-experts it predicted have arrived before it runs them. ``DelayedSource`` delivers on a
+An in-process source reads an expert in far less than a draft step, so a draft rarely needs
+its policy: the experts it predicted have mostly arrived before it runs them. ``DelayedSource``
+delivers on a
 background thread after a delay, as a link does, so drafts run on the policy (shadow copies,
 or resident experts only) while the exact experts are in flight.
 """
