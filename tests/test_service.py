@@ -211,7 +211,7 @@ def test_restarting_the_coordinator_resumes_requests_from_the_journal(client, re
         assert sum((p.token_ids for p in pieces), []) == held.token_ids and len(held.token_ids) == 40
     # a request may finish in the moment between the kill and the old process's end: not every one is resumed
     readmitted = [pieces[-1].metrics["readmitted"] for pieces in out]
-    assert max(readmitted) == 1 and min(readmitted) >= 0
+    assert max(readmitted) == 1 and set(readmitted) <= {0, 1}  # resumed once, never twice
     m = wait_idle(client)
     assert m["incarnation"] == 1  # a new coordinator, which read the journal
     assert sum(d["running"] for d in m["decoders"]) == 0
