@@ -62,6 +62,9 @@ class FetchCounters:
     predicted_total: int = 0
     needed_total: int = 0
     peak_staged_bytes: int = 0  # fetched-but-not-cached plus dequantized shadow, within a round
+    # (requested_at, delivered_at, bytes) per transfer, appended on delivery (any thread); the
+    # speculation controller reads them to measure the link's bandwidth and latency
+    deliveries: deque = field(default_factory=lambda: deque(maxlen=4096))
 
     def close_round(self, score: bool) -> None:
         """Score this round's predicted sets against what verification needed (micro-averaged);
@@ -80,6 +83,18 @@ class FetchCounters:
     @property
     def recall(self) -> float:
         return self.true_positives / self.needed_total if self.needed_total else 0.0
+
+
+def _log_delivery(future, requested_at: float, log: deque) -> None:
+    """Append (requested_at, delivered_at, bytes) to ``log`` when ``future`` delivers an expert."""
+    if not hasattr(future, "add_done_callback"):
+        return
+
+    def done(f) -> None:
+        if not f.cancelled() and f.exception() is None:
+            log.append((requested_at, time.perf_counter(), sum(t.nbytes for t in f.result())))
+
+    future.add_done_callback(done)
 
 
 def prediction_counts(predicted: dict[int, set[int]], needed: dict[int, set[int]]) -> tuple[int, int, int]:
@@ -192,6 +207,7 @@ class ExpertRuntime:
             self.counters.stall_s += time.perf_counter() - started
         for e in wanted:
             self.in_flight[(layer, e)] = futures[e]
+            _log_delivery(futures[e], started, self.counters.deliveries)
         self.counters.fetch_requests += len(wanted)
         self.counters.prefetched += len(wanted) if prefetch else 0
 
