@@ -54,6 +54,7 @@ class FetchCounters:
     misses: int = 0  # needed by an exact pass, not resident and not in flight: fetched on demand
     stall_s: float = 0.0  # time an exact pass was blocked on transfers: in the source's fetch call or awaiting delivery
     shadow_uses: int = 0  # draft-phase uses of a low-bit copy
+    draft_wait_s: float = 0.0  # time a draft was blocked in a source's fetch call (a draft never awaits a delivery)
     remote_computes: int = 0  # misses run on their store instead of being fetched
     remote_activation_bytes: int = 0
     predicted: dict[int, set[int]] = field(default_factory=dict)  # this round, per layer
@@ -203,8 +204,11 @@ class ExpertRuntime:
             return
         started = time.perf_counter()
         futures = self.fetch_fn(layer, wanted)
-        if self.phase == "exact":  # a source may block in fetch (in-process reads, asking a store for references)
-            self.counters.stall_s += time.perf_counter() - started
+        blocked = time.perf_counter() - started  # a source may block in fetch (in-process reads, asking a store for references)
+        if self.phase == "exact":
+            self.counters.stall_s += blocked
+        else:
+            self.counters.draft_wait_s += blocked
         for e in wanted:
             self.in_flight[(layer, e)] = futures[e]
             _log_delivery(futures[e], started, self.counters.deliveries)
