@@ -10,7 +10,16 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from specmoe.tools.train_tiny import SAMPLE_PROMPT, TrainConfig, lr_at, main, run, split_corpus, verify
+from specmoe.tools.train_tiny import (
+    SAMPLE_PROMPT,
+    TrainConfig,
+    lr_at,
+    main,
+    parse_args,
+    run,
+    split_corpus,
+    verify,
+)
 
 # The shared data folder sits beside the repository checkout.
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
@@ -75,6 +84,46 @@ def test_command_line(small_corpus, tmp_path, capsys):
     assert main(["--corpus", str(small_corpus), "--out", str(out), "--steps", "1", "--eval-windows", "1"]) == 0
     assert capsys.readouterr().out.startswith("ROMEO:")
     assert "--steps 1" in (out / "README.md").read_text()
+
+
+def test_command_line_architecture(small_corpus, tmp_path, capsys):
+    # Defaults are the shipped model's recipe; every architecture flag reaches the model.
+    assert parse_args(["--corpus", "c", "--out", "o"]) == TrainConfig(corpus="c", out="o")
+    out = tmp_path / "arch"
+    argv = ["--corpus", str(small_corpus), "--out", str(out), "--steps", "2", "--eval-windows", "1",
+            "--vocab-size", "300", "--hidden-size", "48", "--intermediate-size", "16", "--num-layers", "3",
+            "--num-experts", "16", "--top-k", "3", "--num-heads", "4", "--num-kv-heads", "2",
+            "--max-positions", "64", "--seq-len", "32", "--batch-size", "2", "--warmup", "1", "--aux-loss", "0",
+            "--threads", "1"]
+    assert main(argv) == 0
+    config = json.loads((out / "config.json").read_text())
+    expected = {"vocab_size": 300, "hidden_size": 48, "intermediate_size": 16, "num_hidden_layers": 3,
+                "num_local_experts": 16, "num_experts_per_tok": 3, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "max_position_embeddings": 64, "router_aux_loss_coef": 0.0}
+    assert {k: config[k] for k in expected} == expected
+    trained = json.loads((out / "training.json").read_text())["config"]
+    assert (trained["seq_len"], trained["batch_size"], trained["warmup"], trained["threads"]) == (32, 2, 1, 1)
+    card = (out / "README.md").read_text()
+    assert card.startswith("# arch\n") and "| 16 / 3 |" in card and "--num-experts 16" in card
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--num-experts", "8", "--top-k", "9"], "top_k"),
+        (["--num-experts", "0"], "num_experts"),
+        (["--hidden-size", "130"], "num_heads"),
+        (["--num-kv-heads", "3"], "num_kv_heads"),
+        (["--vocab-size", "100"], "vocab_size"),
+        (["--aux-loss", "-1"], "aux_loss"),
+        (["--seq-len", "1024"], "max_positions"),
+    ],
+)
+def test_command_line_rejects_bad_architecture(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--corpus", "c", "--out", "o", *flags])
+    assert message in capsys.readouterr().err
 
 
 def test_split_and_schedule():

@@ -32,8 +32,8 @@ import torch
 
 EOS = "<|endoftext|>"
 TRAIN_FRACTION = 0.95
-THREADS = 2
 SAMPLE_PROMPT = "ROMEO:"
+MIN_VOCAB = 257  # the byte-level alphabet plus EOS
 
 
 @dataclass
@@ -66,14 +66,32 @@ class TrainConfig:
     # evaluation and limits
     eval_windows: int = 200
     max_minutes: float = 14.0
+    threads: int = 2  # torch CPU threads
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1 or self.seq_len < 2:
-            raise ValueError("steps and batch_size must be >= 1 and seq_len >= 2")
+        positive = ("hidden_size", "intermediate_size", "num_layers", "num_experts", "num_heads",
+                    "num_kv_heads", "max_positions", "steps", "batch_size", "eval_windows", "threads")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.seq_len < 2:
+            raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
+        if self.vocab_size < MIN_VOCAB:
+            raise ValueError(f"vocab_size must be >= {MIN_VOCAB} (256 byte tokens and {EOS}), got {self.vocab_size}")
         if self.seq_len > self.max_positions:
             raise ValueError(f"seq_len {self.seq_len} exceeds max_positions {self.max_positions}")
         if not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(f"top_k must be in [1, num_experts={self.num_experts}]")
+            raise ValueError(f"top_k must be in [1, num_experts={self.num_experts}], got {self.top_k}")
+        if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 2:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} must split into num_heads {self.num_heads} heads of even size (rotary)"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} must be a multiple of num_kv_heads {self.num_kv_heads}")
+        if self.aux_loss < 0 or self.lr <= 0 or self.max_minutes <= 0:
+            raise ValueError(
+                f"aux_loss must be >= 0 and lr, max_minutes > 0; got {self.aux_loss}, {self.lr}, {self.max_minutes}"
+            )
 
 
 @dataclass
@@ -273,7 +291,7 @@ def model_card(cfg: TrainConfig, vocab: int, params: tuple[int, int], result: Tr
         ("weights on disk", "bfloat16 safetensors"),
     ]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
-    return f"""# shakespeare-tiny-moe
+    return f"""# {Path(cfg.out).name}
 
 A small Mixture-of-Experts language model trained on Tiny Shakespeare. SpecMoE ships it
 so that the demo and the tests run on a model whose routing was learned, not random. It
@@ -291,7 +309,7 @@ toy: it writes Shakespeare-shaped text, not sense.
 - {result.steps} AdamW steps of {cfg.batch_size} x {cfg.seq_len} tokens (random windows), lr {cfg.lr:g}
   ({cfg.warmup} warmup steps, cosine decay to {cfg.lr * cfg.min_lr_ratio:g}), weight decay {cfg.weight_decay:g}, gradient clip
   {cfg.grad_clip:g}, router load-balancing loss coefficient {cfg.aux_loss:g}; seed {cfg.seed}.
-- Wall time: {minutes:.1f} min on {THREADS} CPU threads (tokenizer, training and evaluation).
+- Wall time: {minutes:.1f} min on {cfg.threads} CPU threads (tokenizer, training and evaluation).
 - Final train loss: {result.loss:.3f} (cross-entropy, mean of the last 50 steps; router
   load-balancing loss {result.aux_loss:.3f} on top, {cfg.top_k:g} when perfectly balanced).
 - Validation loss: {val_loss:.3f} (mean cross-entropy per token, fp32, over up to
@@ -325,7 +343,7 @@ def verify(out: Path, prompt: str = SAMPLE_PROMPT, max_new_tokens: int = 60) -> 
 
 def run(cfg: TrainConfig, command: str = "") -> dict:
     """Train, evaluate and save; returns the numbers written to ``training.json``."""
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(cfg.threads)
     started = time.perf_counter()
     train_text, val_text = split_corpus(Path(cfg.corpus).read_text(encoding="utf-8"))
     tokenizer = train_tokenizer(train_text, cfg.vocab_size)
@@ -354,6 +372,24 @@ def run(cfg: TrainConfig, command: str = "") -> dict:
     return summary
 
 
+# TrainConfig fields settable from the command line as --field-name, with their help text.
+ARCH_FLAGS = {
+    "vocab_size": "tokenizer vocabulary, including <|endoftext|>",
+    "hidden_size": "model width",
+    "intermediate_size": "hidden width of one expert",
+    "num_layers": "decoder layers",
+    "num_experts": "routed experts per layer",
+    "top_k": "experts per token",
+    "num_heads": "attention heads",
+    "num_kv_heads": "key/value heads",
+    "max_positions": "max_position_embeddings",
+    "seq_len": "training window in tokens",
+    "batch_size": "windows per step",
+    "warmup": "warmup steps",
+    "aux_loss": "router load-balancing loss coefficient (lower: more skewed routing)",
+}
+
+
 def parse_args(argv: list[str] | None) -> TrainConfig:
     defaults = TrainConfig(corpus="", out="")
     p = argparse.ArgumentParser(prog="python -m specmoe.tools.train_tiny", description=__doc__.splitlines()[0])
@@ -367,9 +403,19 @@ def parse_args(argv: list[str] | None) -> TrainConfig:
                    help="validation windows of seq_len tokens (default %(default)s)")
     p.add_argument("--max-minutes", type=float, default=defaults.max_minutes,
                    help="safety stop: end training after this many minutes (default %(default)s)")
+    p.add_argument("--threads", type=int, default=defaults.threads, help="torch CPU threads (default %(default)s)")
+    arch = p.add_argument_group("architecture and batch (the defaults make the shipped model)")
+    for field, help_text in ARCH_FLAGS.items():
+        default = getattr(defaults, field)
+        arch.add_argument("--" + field.replace("_", "-"), type=type(default), default=default,
+                          help=f"{help_text} (default %(default)s)")
     args = p.parse_args(argv)
-    return TrainConfig(corpus=args.corpus, out=args.out, seed=args.seed, steps=args.steps, lr=args.lr,
-                       eval_windows=args.eval_windows, max_minutes=args.max_minutes)
+    try:
+        return TrainConfig(corpus=args.corpus, out=args.out, seed=args.seed, steps=args.steps, lr=args.lr,
+                           eval_windows=args.eval_windows, max_minutes=args.max_minutes, threads=args.threads,
+                           **{field: getattr(args, field) for field in ARCH_FLAGS})
+    except ValueError as e:
+        p.error(str(e))
 
 
 def main(argv: list[str] | None = None) -> int:
