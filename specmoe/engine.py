@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from specmoe.adaptive import SpeculationController
+from specmoe.adaptive import ExpertTraffic, RoundTraffic, SpeculationController
 from specmoe.config import DecoderConfig, EngineConfig, default_max_model_len
 from specmoe.kv_cache import KVCache
 from specmoe.loader import load_model, read_config
@@ -98,7 +98,8 @@ class Engine:
         layers, kv_heads, head_dim = model.kv_shape()
         dtype = next(model.parameters()).dtype
         self.cache = KVCache(layers, config.max_batch_size, self.max_model_len, kv_heads, head_dim, dtype, config.device)
-        self.controller = SpeculationController(dec.k_max, None if dec.k == "auto" else dec.k)
+        self.controller = speculation_controller(dec, self.runtime, fetch, self.hf_config.num_experts_per_tok)
+        self._seen = (None, 0.0, 0, 0)  # the runtime's counters at the end of the last round
         self.counters = RoundCounters()
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -157,12 +158,13 @@ class Engine:
                 return []
             started = time.perf_counter()
             k = self.controller.choose() if self.config.decoder.speculative else 0
+            prefill = any(not s.output for s in seqs)
             self._draft(seqs, k)
             drafted = time.perf_counter()
             logits = self._verify(seqs)  # [B, k+1, V]
             verdict = self._accept(seqs, logits)
             outputs = self._roll_back(seqs, verdict)
-            self._adapt(k, seqs, verdict.accepted, drafted - started, time.perf_counter() - drafted)
+            self._adapt(k, seqs, verdict.accepted, drafted - started, time.perf_counter() - drafted, prefill)
             return outputs
         except BaseException:
             undo()
@@ -294,15 +296,27 @@ class Engine:
             self.runtime.admit_staged()
         return outputs
 
-    def _adapt(self, k: int, seqs: list[Sequence], accepted: list[int], draft_s: float, verify_s: float) -> None:
+    def _adapt(self, k: int, seqs: list[Sequence], accepted: list[int], draft_s: float, verify_s: float,
+               prefill: bool) -> None:
         """Count the round (accepted tokens as emitted: none past a stop) and let the controller
-        learn from ``accepted``, the verdict's counts (how good the draft was)."""
+        learn from ``accepted``, the verdict's counts (how good the draft was), and from the
+        round's transfers."""
         drafted = [len(s.draft) for s in seqs]
         self.counters.record(drafted, [s.accepted for s in seqs], draft_s, verify_s)
         if self.runtime is not None:
             self.runtime.counters.close_round(score=any(drafted))
+            self.controller.observe(self._round_traffic(seqs, prefill))
         if any(drafted) or k == 0:
             self.controller.update(k, drafted, accepted, draft_s, verify_s)
+
+    def _round_traffic(self, seqs: list[Sequence], prefill: bool) -> RoundTraffic:
+        """The runtime's counters since the last round (counters replaced meanwhile count from 0)."""
+        c = self.runtime.counters
+        _, stall, fetched, missed = self._seen if self._seen[0] is c else (c, 0.0, 0, 0)
+        self._seen = (c, c.stall_s, c.fetch_requests, c.misses)
+        deliveries = [c.deliveries.popleft() for _ in range(len(c.deliveries))]
+        positions = sum(len(s.draft) + 1 for s in seqs if s.output)
+        return RoundTraffic(positions, c.fetch_requests - fetched, c.misses - missed, c.stall_s - stall, deliveries, prefill)
 
     # -- bookkeeping ------------------------------------------------------------------------
 
@@ -358,6 +372,25 @@ class Engine:
     def _completion(self, seq: Sequence) -> Completion:
         text = self.tokenizer.decode(seq.output, skip_special_tokens=True) if self.tokenizer else None
         return Completion(seq.request_id, seq.prompt, seq.output, seq.finish_reason, text)
+
+
+def speculation_controller(dec: DecoderConfig, runtime, fetch, top_k: int) -> SpeculationController:
+    """The controller of k, with what its cost model knows before the first round: the experts
+    the cache cannot hold, and an emulated link's configured bandwidth and latency."""
+    from specmoe.link import LinkConfig
+
+    controller = SpeculationController(dec.k_max, None if dec.k == "auto" else dec.k, overlap=dec.migration == "eager")
+    if runtime is None:
+        return controller
+    experts = sum(runtime.num_experts.values())
+    capacity = runtime.cache.budget // max(runtime.expert_bytes, 1)
+    controller.traffic = ExpertTraffic(runtime.expert_bytes, max(0, experts - capacity), len(runtime.num_experts),
+                                       top_k * len(runtime.num_experts) / experts)
+    link = getattr(fetch, "config", None)
+    if isinstance(link, LinkConfig):
+        controller.link.seconds_per_byte = 1 / (link.gbps * 1e9) if link.gbps else 0.0
+        controller.link.latency_s = link.latency_s
+    return controller
 
 
 def load_tokenizer(model_dir: str | Path):

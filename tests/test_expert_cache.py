@@ -7,7 +7,6 @@ import random
 import pytest
 import torch
 
-from specmoe.adaptive import SpeculationController
 from specmoe.expert_cache import ExpertCache
 from specmoe.offload import FetchCounters, prediction_counts
 from specmoe.profile import RoutingProfile
@@ -110,30 +109,6 @@ def test_prediction_precision_and_recall_on_a_hand_made_trace():
     assert counters.precision == pytest.approx(5 / 7)
     assert counters.recall == pytest.approx(5 / 7)
     assert prediction_counts({0: {1, 2}}, {0: {2}, 1: {3}}) == (1, 2, 2)
-
-
-def test_controller_turns_speculation_off_when_it_does_not_pay():
-    ctl = SpeculationController(k_max=4, explore_every=1000)
-    assert ctl.choose() == 4  # measure the most speculative round first
-    for _ in range(30):  # drafting is as slow as verifying and nothing is ever accepted
-        ctl.update(4, [4, 4], [0, 0], draft_s=4.0, verify_s=1.2)
-        ctl.update(0, [0, 0], [0, 0], draft_s=0.0, verify_s=1.0)
-    assert ctl.choose() == 0
-
-
-def test_controller_speculates_when_drafts_are_cheap_and_accepted():
-    ctl = SpeculationController(k_max=4, explore_every=1000)
-    for _ in range(30):
-        ctl.update(4, [4, 4], [4, 3], draft_s=0.4, verify_s=1.1)
-        ctl.update(0, [0, 0], [0, 0], draft_s=0.0, verify_s=1.0)
-    assert ctl.choose() == 4
-    assert ctl.acceptance > 0.8
-
-
-def test_fixed_k_is_respected_and_validated():
-    assert SpeculationController(k_max=4, fixed_k=2).choose() == 2
-    with pytest.raises(ValueError, match="k must be in"):
-        SpeculationController(k_max=2, fixed_k=3)
 
 
 @pytest.mark.parametrize("bits, tolerance", [(8, 0.01), (4, 0.16)])
