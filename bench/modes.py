@@ -79,10 +79,10 @@ def validation_prompts(tokenizer, count: int, length: int) -> list[list[int]]:
     return prompts
 
 
-def make_profile(cfg: BenchConfig, out: Path) -> Path:
+def make_profile(model: str, dtype: str, out: Path) -> Path:
     """A routing profile from training-part text (never the benchmark prompts)."""
     text = CORPUS.read_text(encoding="utf-8")
-    engine = Engine(EngineConfig(model=cfg.model, dtype=cfg.dtype, max_batch_size=16))
+    engine = Engine(EngineConfig(model=model, dtype=dtype, max_batch_size=16))
     profile = record_profile(engine, calibration_prompts(text[: int(0.9 * len(text))], 32), max_new_tokens=16)
     profile.save(out)
     return out
@@ -96,6 +96,8 @@ def run_mode(cfg: BenchConfig, decoder: DecoderConfig, prompts, fetch) -> tuple[
     if engine.runtime is not None:
         engine.runtime.counters = type(engine.runtime.counters)()
         engine.runtime.cache.stats = type(engine.runtime.cache.stats)()
+        if getattr(engine.runtime, "oracle", None) is not None:  # overlap: its trace is of the timed run, not the warm-up
+            engine.runtime.oracle.index, engine.runtime.oracle.mismatches = -1, 0
     if hasattr(fetch, "drain"):
         fetch.drain()  # what an earlier run left on the emulated link is not this run's
     link = getattr(fetch, "metrics", None) if decoder.mode_spec.offloaded else None
@@ -105,6 +107,8 @@ def run_mode(cfg: BenchConfig, decoder: DecoderConfig, prompts, fetch) -> tuple[
     outs = engine.generate(prompts, params)
     wall = time.perf_counter() - started
     metrics = summarize(engine, sum(len(o.token_ids) for o in outs), wall)
+    if getattr(engine.runtime, "oracle", None) is not None:
+        metrics["oracle_mismatches"] = engine.runtime.oracle.mismatches  # (pass, layer) routed otherwise than the trace
     if link is not None:  # the share of this run's wall time the emulated link was carrying bytes
         metrics["link_utilisation"] = (link.busy_until(time.perf_counter()) - busy) / wall
     return [o.token_ids for o in outs], metrics
@@ -135,7 +139,7 @@ def run(cfg: BenchConfig) -> dict:
 
     results_dir = Path(cfg.out)
     results_dir.mkdir(parents=True, exist_ok=True)
-    profile = make_profile(cfg, results_dir / f"profile-{Path(cfg.model).name}.json")
+    profile = make_profile(cfg.model, cfg.dtype, results_dir / f"profile-{Path(cfg.model).name}.json")
     prompts_all = validation_prompts(load_tokenizer(cfg.model), max(cfg.batch_sizes), cfg.prompt_len)
     link, link_info = bench_link(cfg)
     rows = []
@@ -171,13 +175,20 @@ def bench_link(cfg: BenchConfig):
         return None, None
     if cfg.link_gbps is not None and cfg.link_r is not None:
         raise ValueError(f"--link-gbps {cfg.link_gbps} and --link-r {cfg.link_r} both set the bandwidth; give one")
-    info = {"gbps": cfg.link_gbps, "latency_us": cfg.link_latency_us or 0.0}
     if cfg.link_r is not None:
-        c = link_for_r(cfg.model, cfg.link_r, cfg.dtype)
-        info |= {"gbps": c.gbps, "r": c.r, "resident_step_s": c.step_s, "active_expert_bytes": c.active_bytes}
-        print(f"[bench] link at R={c.r:g}: resident step {1000 * c.step_s:.2f} ms at batch 1, {c.active_bytes} "
-              f"active expert bytes per token -> {c.gbps:.4g} GB/s", file=sys.stderr)
+        return link_at(link_for_r(cfg.model, cfg.link_r, cfg.dtype), cfg.link_latency_us or 0.0)
+    info = {"gbps": cfg.link_gbps, "latency_us": cfg.link_latency_us or 0.0}
     return LinkConfig(gbps=info["gbps"], latency_us=info["latency_us"]), info
+
+
+def link_at(c, latency_us: float = 0.0):
+    """The emulated link of a calibration (``specmoe.link.Calibration``), and what was chosen."""
+    from specmoe.link import LinkConfig
+
+    info = {"gbps": c.gbps, "latency_us": latency_us, "r": c.r, "resident_step_s": c.step_s, "active_expert_bytes": c.active_bytes}
+    print(f"[bench] link at R={c.r:g}: resident step {1000 * c.step_s:.2f} ms at batch 1, {c.active_bytes} "
+          f"active expert bytes per token -> {c.gbps:.4g} GB/s", file=sys.stderr)
+    return LinkConfig(gbps=c.gbps, latency_us=latency_us), info
 
 
 def ratio(rows, transport, batch, a, b, key="tokens_per_s") -> float:
