@@ -352,3 +352,67 @@ def test_a_rebuilt_source_keeps_counting_into_the_old_links_metrics(shards):
     m = fresh.metrics.snapshot()
     assert (m["link_transfers"], m["requests"], m["link_bytes"], m["bytes"]) == (2, 2, 2 * 196_608, 2 * 196_608)
     fresh.close()
+
+
+# -- a real gRPC store behind the link (an in-process server, as in test_shards_and_grpc) -------------
+
+
+@pytest.fixture(scope="module")
+def grpc_store(shards):
+    from actors.grpc_service import ExpertTable, ServerConfig, serve_experts
+
+    server, port = serve_experts(ExpertTable(shards), ServerConfig(token="t"))
+    yield f"127.0.0.1:{port}"
+    server.stop(grace=None)
+
+
+def grpc_behind_link(address: str, gbps: float) -> EmulatedLink:
+    from actors.grpc_source import GrpcConfig, GrpcSource
+
+    return EmulatedLink(GrpcSource([address], GrpcConfig(token="t")), LinkConfig(gbps=gbps))
+
+
+def test_grpc_experts_behind_the_link_arrive_no_sooner_than_its_bandwidth_allows_at_most_80ms_late(grpc_store):
+    link = grpc_behind_link(grpc_store, 0.05)  # 3.9 ms per expert of 196,608 bytes
+    arrived, lock = [], threading.Lock()
+
+    def note(future):
+        with lock:
+            arrived.append((time.perf_counter(), pair_bytes(future.result())))
+
+    try:
+        started = time.perf_counter()
+        futures = [*link.fetch(0, list(range(8))).values(), *link.fetch(3, list(range(8))).values()]
+        for f in futures:
+            f.add_done_callback(note)
+        moved = sum(pair_bytes(p) for p in wait_all(futures))
+        took = time.perf_counter() - started
+        assert moved == 16 * 196_608
+        carried = 0
+        for when, nbytes in sorted(arrived):  # the i-th expert no sooner than the bytes up to it take at 0.05 GB/s
+            carried += nbytes
+            assert when - started >= carried / 0.05e9 - 1e-4, (when - started, carried)
+        want = moved / 0.05e9  # 63 ms
+        assert want <= took <= want + 2 * LATE, (took, want)  # gRPC's own time overlaps the link's, but not all of it
+        m = link.metrics.snapshot()
+        assert m["link_bytes"] == m["bytes"] == moved and m["link_transfers"] == 16 and m["calls"] == 2
+        assert m["link_busy_s"] == pytest.approx(want, rel=0.01)
+        assert 0.6 <= m["link_utilisation"] <= 1.0  # busy for all but gRPC's first delivery since the first request
+    finally:
+        link.close()
+
+
+def test_an_engine_over_grpc_behind_a_slow_link_gives_the_resident_tokens(grpc_store, shipped_model, resident_tokens):
+    link = grpc_behind_link(grpc_store, 0.2)  # 1 ms per expert
+    try:
+        decoder = DecoderConfig(mode="specmoe", draft_policy="shadow", k=3)
+        engine = Engine(EngineConfig(model=shipped_model, max_batch_size=3, decoder=decoder), fetch=link)
+        tokens = [c.token_ids for c in engine.generate(PROMPTS, SamplingParams(max_new_tokens=16, ignore_eos=True))]
+        link.drain()
+        m = link.metrics.snapshot()
+        assert tokens == resident_tokens
+        assert engine.counters.drafted_tokens > 0
+        assert m["link_bytes"] == m["bytes"] >= engine.runtime.counters.bytes_moved > 0
+        assert m["link_busy_s"] == pytest.approx(m["link_bytes"] / 0.2e9, rel=0.01) and 0 < m["link_utilisation"] <= 1
+    finally:
+        link.close()
