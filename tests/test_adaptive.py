@@ -73,6 +73,12 @@ def test_need_is_fitted_per_k_from_the_experts_rounds_moved():
     ctl.observe(RoundTraffic(positions=8, fetched=6, missed=1, stall_s=0.0, prefill=True))
     ctl.update(3, [3, 3], [3, 3], 0.02, 0.02)
     assert 3 not in ctl.need and 3 not in ctl.compute_s  # a prefill round teaches acceptance only
+    ctl.observe(RoundTraffic(positions=8, fetched=6, missed=3, stall_s=0.0))  # 6 of 10 over 8 positions
+    ctl.update(3, [3, 3], [3, 3], 0.02, 0.02)
+    assert ctl.need[3] == pytest.approx(1 - 0.4 ** (1 / 8)) and ctl.need[0] == pytest.approx(1 - 0.5 ** 0.5)
+    assert (ctl.need_at(2), ctl.need_at(5)) == (ctl.need[0], ctl.need[3])
+    assert ctl.miss_share == pytest.approx(0.8 * 0.2 + 0.2 * 0.5)
+    assert ctl.draft_step_s == pytest.approx(0.8 * 0.004 + 0.2 * 0.02 / 4)  # the round took k + 1 draft steps
 
 
 def test_plain_decoding_wins_when_drafting_does_not_pay():
