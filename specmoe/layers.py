@@ -10,7 +10,7 @@ Shapes use these letters:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,7 @@ from torch import nn
 
 from specmoe.batch import ForwardBatch
 from specmoe.kv_cache import KVCache
+from specmoe.quant import PackedInt4, packed_ffn
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
@@ -263,29 +264,40 @@ def run_experts(
     hidden_states: torch.Tensor,
     top_k_index: torch.Tensor,
     top_k_weights: torch.Tensor,
-    weights_of: Callable[[dict[int, int]], dict],
+    weights_of: Callable[[dict[int, int]], dict | Iterable[tuple[int, object]]],
 ) -> torch.Tensor:
-    """Each expert that has tokens runs once on all of them, in expert order.
+    """Each expert that has tokens runs once on all of them; tokens sum their experts in expert order.
 
-    ``weights_of({expert: tokens}) -> {expert: w}`` where w is ``(gate_up, down)``, None (skip:
-    a draft's placeholder pick, whose routing weight is 0), or a function ``x -> future of
-    the expert's output`` (the expert runs elsewhere; all such calls are issued before any
-    is awaited). hidden_states [N, H], top_k_index [N, K], top_k_weights [N, K] -> [N, H]
+    ``weights_of({expert: tokens})`` gives each expert's weights w, as a dict or as (expert, w)
+    pairs in any order. Experts run in the order given, so an offloading runtime gives first
+    the experts that are here, then each one in flight as it arrives; the result is the same
+    bit for bit in any order (each expert writes its own rows; the sum below is in expert order).
+    w is ``(gate_up, down)`` tensors, a ``PackedInt4`` pair (a shadow copy, multiplied in its
+    packed form), None (skip: a draft's placeholder pick, whose routing weight is 0), or a
+    function ``x -> future of the expert's output`` (the expert runs elsewhere; such futures
+    are awaited once every other expert has run).
+    hidden_states [N, H], top_k_index [N, K], top_k_weights [N, K] -> [N, H]
     """
     counts, rows, pairs = group_by_expert(top_k_index, experts.num_experts)
-    tensors = weights_of({e: c for e, c in enumerate(counts) if c})
+    starts = [0]
+    for count in counts:
+        starts.append(starts[-1] + count)  # expert e's rows: starts[e] .. starts[e + 1]
+    given = weights_of({e: c for e, c in enumerate(counts) if c})
     x = hidden_states[rows]  # [N*K, H], expert-sorted
-    y = torch.zeros_like(x) if None in tensors.values() else torch.empty_like(x)
-    remote, start = [], 0
-    for expert, count in enumerate(counts):
-        w = tensors.get(expert)
+    y = torch.zeros_like(x)  # a skipped expert's rows stay zero
+    remote = []
+    for expert, w in given.items() if isinstance(given, dict) else given:
+        lo, hi = starts[expert], starts[expert + 1]
+        if w is None or lo == hi:
+            continue
         if callable(w):
-            remote.append((start, count, w(x[start : start + count])))
-        elif count and w is not None:
-            y[start : start + count] = experts.apply_expert(x[start : start + count], *w)
-        start += count
-    for start, count, future in remote:
-        y[start : start + count] = future.result()
+            remote.append((lo, hi, w(x[lo:hi])))
+        elif isinstance(w[0], PackedInt4):
+            y[lo:hi] = packed_ffn(x[lo:hi], *w, experts.act_fn)
+        else:
+            y[lo:hi] = experts.apply_expert(x[lo:hi], *w)
+    for lo, hi, future in remote:
+        y[lo:hi] = future.result()
     y = (y * top_k_weights.reshape(-1)[pairs, None]).to(hidden_states.dtype)
     # rows are expert-sorted, so each token sums its experts in expert order (as transformers does)
     return torch.zeros_like(hidden_states).index_add_(0, rows, y)

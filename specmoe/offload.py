@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from specmoe.config import DRAFT_POLICIES
 from specmoe.expert_cache import ExpertCache, Key
 from specmoe.layers import Experts, register_experts_function, run_experts
+from specmoe.quant import PackedInt4
 
 HOT_WINDOW = 4  # hot draft policy: the exact passes whose expert use chooses the pinned set
 
@@ -163,7 +164,7 @@ class ExpertRuntime:
         self.cache = cache
         self.num_experts = num_experts  # layer -> experts in that layer
         self.draft_policy = draft_policy
-        self.shadow = shadow if shadow is not None else {}  # Key -> (quantized gate_up, quantized down)
+        self.shadow = shadow if shadow is not None else {}  # Key -> (gate_up, down): QuantizedTensor or PackedInt4
         self.shadow_bytes = 0
         self.startup_bytes = 0
         self.total_expert_bytes = 0
@@ -288,13 +289,20 @@ class ExpertRuntime:
         return self.cache.pin_hot_set([k for k in ranked if k[0] in self.num_experts], load, max_bytes)
 
     def build_shadow(self, layers: list[tuple[int, int]], bits: int, group_size: int) -> None:
-        """Keep a group-wise ``bits``-bit copy of every expert for drafting."""
-        from specmoe.quant import quantize
+        """Keep a group-wise ``bits``-bit copy of every expert for drafting.
+
+        On the CPU an int4 copy is kept in the layout of torch's int4 matmul where that kernel
+        takes it (``PackedInt4``): the draft multiplies by it directly, so no round dequantizes
+        and no dequantized copy is held. Elsewhere (int8, a GPU, a group size the kernel lacks)
+        a copy is dequantized once per round that uses it.
+        """
+        from specmoe.quant import pack_int4_for_cpu, quantize
 
         for layer, count in layers:
             for e, (gate_up, down) in self.fetch_now(layer, list(range(count))).items():
                 q = (quantize(gate_up, bits, group_size), quantize(down, bits, group_size))
-                self.shadow[(layer, e)] = q
+                packed = tuple(map(pack_int4_for_cpu, q)) if self.device.type == "cpu" else (None,)
+                self.shadow[(layer, e)] = q if None in packed else packed
         self.shadow_bytes = sum(a.nbytes + b.nbytes for a, b in self.shadow.values())
 
     # -- weights for one layer's pass -----------------------------------------------------
@@ -349,6 +357,8 @@ class ExpertRuntime:
             return self.staged[key]
         if self.draft_policy == "shadow":
             self.counters.shadow_uses += 1
+            if isinstance(self.shadow[key][0], PackedInt4):
+                return self.shadow[key]  # multiplied in its packed form (run_experts): nothing to dequantize
             if key not in self.decoded:  # dequantized once per round, reused by every draft step
                 gate_up, down = self.shadow[key]
                 self.decoded[key] = (gate_up.dequantize(self.dtype), down.dequantize(self.dtype))

@@ -165,8 +165,9 @@ def test_default_shadow_serves_widths_that_are_not_multiples_of_its_group(family
     read = checkpoint_fetcher(path)
     for (layer, e), copies in engine.runtime.shadow.items():  # each copy is its expert, to int4 precision
         for copy, exact in zip(copies, read(layer, [e])[e].result()):
-            error = (copy.dequantize() - exact.float()).abs()  # [R, C]: at most half a step of its group
-            assert error.shape == exact.shape and error.max() <= exact.abs().max() / 7 / 2 + 1e-6
+            # [R, C]: at most half a step of its group, plus (a PackedInt4 copy: its scale in bf16) 8 values x 2^-8 of a step
+            error = (copy.dequantize() - exact.float()).abs()
+            assert error.shape == exact.shape and error.max() <= exact.abs().max() / 7 * (1 / 2 + 1 / 32) + 1e-6
 
 
 def test_stall_counts_the_time_an_exact_pass_is_blocked_in_the_fetch_call(checkpoints):
