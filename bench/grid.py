@@ -384,7 +384,8 @@ def figure(panels: int):
 
 
 def save_figure(plt, fig, path: str) -> None:
-    fig.axes[0].legend(fontsize=6)
+    if fig.axes[0].get_legend_handles_labels()[0]:  # bar charts carry no labels
+        fig.axes[0].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -204,7 +204,7 @@ def markdown(data: dict) -> str:
               "## Throughput against batch", "", *point_table(rows, "ray", r, batches, [*BASELINES, *POLICIES]), "",
               f"## Expert bytes moved per run, batch {batches[0] if batches else 1} -> {batches[-1] if batches else 256}", "",
               "| mode | " + " | ".join(f"B={b}" for b in batches) + " | growth |", "|" + "---|" * (len(batches) + 2)]
-    for m in (*BASELINES, *POLICIES):
+    for m in (m for m in (*BASELINES, *POLICIES) if any(x["mode"] == m for x in rows)):
         cells = [fmt(x.get("expert_bytes_moved") if (x := pick(rows, "ray", r, b, m)) else None) for b in batches]
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {fmt(growth(rows, r, m, batches[0], batches[-1]) if batches else None)}x |")
     lines += ["", f"## Ablations of the hot policy at batch {ablation_batch}", "",
