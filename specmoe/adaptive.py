@@ -19,7 +19,8 @@ highest E(k) / T(k); k = 0 is plain decoding and wins when drafting does not pay
 
 Every quantity is measured (exponential moving averages):
 
-* acceptance, from each round's accepted draft tokens (a geometric rate);
+* acceptance, from the accepted draft tokens of recent rounds (a geometric rate, the prior
+  counting as two draft tokens);
 * t_draft per draft step, C(k) per k (linearly interpolated between measured k; a prior slope
   before two are known), the miss share m;
 * f(n) = M (1 - (1 - q)^n): M is the number of experts the cache cannot hold, q the chance
@@ -101,7 +102,8 @@ class SpeculationController:
     smoothing: float = 0.2
     explore_every: int = 16
     overlap: bool = True  # eager migration: transfers of predicted experts overlap drafting
-    acceptance: float = 0.8  # prior, replaced by measurements
+    acceptance: float = 0.8  # the estimate; its starting value is the prior
+    prior_weight: float = 2.0  # the prior counts as this many draft tokens
     draft_step_s: float | None = None
     compute_s: dict[int, float] = field(default_factory=dict)  # C(k): verification less its stalls
     compute_slope_prior: float = 0.25  # C(k) = C(0) (1 + slope k) until a second k is measured
@@ -113,6 +115,8 @@ class SpeculationController:
     rounds: int = 0
     decisions: int = 0
     pending: RoundTraffic | None = None  # what ``observe`` saw for the round ``update`` closes
+    trials: tuple[float, float] = (0.0, 0.0)  # (accepted, trials), decayed by 1 - smoothing a round
+    prior: float | None = None  # the starting acceptance
 
     def __post_init__(self):
         if not isinstance(self.k_max, int) or self.k_max < 0:
@@ -121,6 +125,9 @@ class SpeculationController:
             raise ValueError(f"k must be in [0, k_max={self.k_max}], got {self.fixed_k}")
         if not isinstance(self.explore_every, int) or self.explore_every < 2:
             raise ValueError(f"explore_every must be an integer >= 2, got {self.explore_every!r}")
+        if not 0 <= self.acceptance <= 1:
+            raise ValueError(f"acceptance must be in [0, 1], got {self.acceptance!r}")
+        self.prior = self.acceptance if self.prior is None else self.prior
 
     # -- choosing ---------------------------------------------------------------------------
 
@@ -208,14 +215,17 @@ class SpeculationController:
         """Record one round: per sequence, draft tokens proposed and accepted; and its timings.
 
         Acceptance is estimated as a geometric rate: each sequence contributes its accepted
-        tokens as successes and, if it stopped short of its draft, one failure. A round in
+        tokens as successes and, if it stopped short of its draft, one failure; counts decay
+        by 1 - smoothing a round, and the prior counts as ``prior_weight`` trials. A round in
         which a sequence prefilled teaches acceptance only.
         """
         self.rounds += 1
-        s = self.smoothing
         trials = sum(a + (a < d) for d, a in zip(drafted, accepted))
         if trials:
-            self.acceptance = (1 - s) * self.acceptance + s * (sum(accepted) / trials)
+            keep = 1 - self.smoothing
+            successes, total = keep * self.trials[0] + sum(accepted), keep * self.trials[1] + trials
+            self.trials = (successes, total)
+            self.acceptance = (successes + self.prior_weight * self.prior) / (total + self.prior_weight)
         traffic, self.pending = self.pending, None
         if traffic is not None and traffic.prefill:
             return

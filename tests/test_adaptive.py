@@ -36,6 +36,14 @@ def test_expected_tokens_per_round():
     assert [ctl.expected_tokens(k) for k in (0, 1, 2)] == pytest.approx([1.0, 1.5, 1.75])
 
 
+def test_acceptance_by_hand():
+    ctl = SpeculationController(smoothing=0.2)  # prior 0.8, counted as 2 draft tokens
+    ctl.update(4, [4, 4], [4, 1], 0.1, 0.1)  # 5 accepted of 6 trials (4 + one stop after 1)
+    assert ctl.acceptance == pytest.approx((5 + 1.6) / (6 + 2))
+    ctl.update(3, [3], [0], 0.1, 0.1)  # decayed counts 4 of 4.8, plus 0 of 1
+    assert ctl.acceptance == pytest.approx((4 + 1.6) / (5.8 + 2))
+
+
 def test_round_time_by_hand():
     ctl = hand_controller()
     # k = 0: f = 10 (1 - 0.9) = 1 expert, all stalled: 10 + 1 + 0.5 ms
