@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import time
 from collections import Counter, deque
-from collections.abc import Callable
-from concurrent.futures import Future
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 
 import torch
@@ -307,8 +307,13 @@ class ExpertRuntime:
 
     # -- weights for one layer's pass -----------------------------------------------------
 
-    def weights(self, layer: int, tokens: dict[int, int]) -> dict:
-        """Weights for one layer's pass: ``tokens`` maps each needed expert to its token count."""
+    def weights(self, layer: int, tokens: dict[int, int]) -> dict | Iterator[tuple[int, object]]:
+        """Weights for one layer's pass: ``tokens`` maps each needed expert to its token count.
+
+        Exact phase: (expert, weights) pairs, first the experts that are here (cached, staged,
+        or run on their store), then each one still in flight as it arrives. Only this layer's
+        experts are waited for; later layers' transfers continue meanwhile.
+        """
         experts = list(tokens)
         if self.phase == "draft":
             return {e: self._draft_weights((layer, e)) for e in experts}
@@ -325,10 +330,28 @@ class ExpertRuntime:
             out[e] = self._remote(layer, e)
             missing.remove(e)
         self.request(layer, missing, prefetch=False)
-        self._collect([(layer, e) for e in experts if e not in out and (layer, e) in self.in_flight])
-        out.update({e: self.staged[(layer, e)] for e in experts if e not in out})
+        arriving = [e for e in experts if e not in out and (layer, e) in self.in_flight]
+        out.update({e: self.staged[(layer, e)] for e in experts if e not in out and e not in arriving})
+        return self._here_then_arriving(layer, out, arriving)
+
+    def _here_then_arriving(self, layer: int, here: dict, arriving: list[int]) -> Iterator[tuple[int, object]]:
+        """The experts that are here, then those in flight in the order they arrive; blocking
+        until the next one arrives is a stall."""
         self.upload.wait()
-        return out
+        yield from here.items()
+        waiting = {e: self.in_flight[(layer, e)] for e in arriving}  # in request order
+        while waiting:
+            done = [e for e, future in waiting.items() if future.done()]
+            if not done:
+                started = time.perf_counter()
+                first = await_next(list(waiting.values()))
+                self.counters.stall_s += time.perf_counter() - started
+                done = [e for e, future in waiting.items() if future.done()] or [list(waiting)[first]]
+            self._collect([(layer, e) for e in done])
+            self.upload.wait()
+            for e in done:
+                del waiting[e]
+                yield e, self.staged[(layer, e)]
 
     def _compute_remotely(self, tokens: int) -> bool:
         """The cost model: moving the activations there and back costs less than moving the weights."""
@@ -440,6 +463,17 @@ def expert_affinity(weights: dict[int, ExpertTensors]) -> dict[int, list[int]]:
     dist = torch.cdist(flat[None], flat[None])[0]  # [E, E]
     order = [sorted(range(len(ids)), key=lambda j: (dist[i, j].item(), ids[j])) for i in range(len(ids))]
     return {e: [ids[j] for j in order[i] if j != i] for i, e in enumerate(ids)}
+
+
+def await_next(futures: list) -> int:
+    """Block until one of ``futures`` is done; returns the index of one that is. Concurrent
+    futures: the first to complete. Others (a source's own future type, with ``done`` and
+    ``result``): the earliest requested, which a FIFO link delivers first."""
+    if all(isinstance(f, Future) for f in futures):
+        done, _ = wait(futures, return_when=FIRST_COMPLETED)
+        return next(i for i, f in enumerate(futures) if f in done)
+    futures[0].result()  # raises its error, if it failed: the pass fails as any failed fetch does
+    return 0
 
 
 def completed(value) -> Future:
