@@ -178,3 +178,16 @@ def test_k_max_8_is_exact_with_every_draft_policy(shipped_model, resident_tokens
     tokens, ks = generate(shipped_model, decoder, link)
     assert tokens == resident_tokens
     assert max(ks) == 8, ks
+
+
+def test_k_8_fills_max_model_len(checkpoints):
+    """Drafts of 8 stay within the tokens still to come and below max_model_len (the KV cache
+    refuses a write beyond it)."""
+    path = checkpoints[("mixtral", "per_expert")]
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    prompts = [list(range(3, 23)), [5, 6]]  # the first fills max_model_len = 32
+    refs = [o.token_ids for o in Engine(EngineConfig(model=path, max_batch_size=2, max_model_len=32)).generate(prompts, params)]
+    decoder = DecoderConfig(mode="specmoe", draft_policy="resident", k=8, cache_budget=1.0)
+    engine = Engine(EngineConfig(model=path, max_batch_size=2, max_model_len=32, decoder=decoder))
+    assert [o.token_ids for o in engine.generate(prompts, params)] == refs
+    assert engine.counters.drafted_tokens >= 8
