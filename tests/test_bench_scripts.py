@@ -84,15 +84,17 @@ def test_the_sweep_report_leads_with_R_64_and_flags_inexact_rows(tmp_path):
 
 
 def test_the_sweep_grid_runs_remote_only_over_grpc_and_the_rare_modes_only_at_R_64():
-    cfg = sweep.SweepConfig(r=[None, 8.0, 64.0], batch_sizes=[1, 16])
+    cfg = sweep.SweepConfig(r=[None, 8.0, 64.0, 256.0], batch_sizes=[1, 16])
     points = set(sweep.plan(cfg))
     assert Point("grpc", 64.0, 16, "remote") in points and not any(p.mode == "remote" and p.transport == "ray" for p in points)
     assert not any(p.transport == "grpc" and p.r != 64.0 for p in points)
-    assert Point("ray", 64.0, 1, "specmoe-resident-k8") in points and Point("ray", 8.0, 1, "specmoe-resident-k8") not in points
-    assert {p.mode for p in points if p.r == 8.0} == set(sweep.EVERY_POINT)
+    assert Point("ray", 64.0, 1, "specmoe-hot-k8") in points and Point("ray", 8.0, 1, "specmoe-hot-k8") not in points
+    assert Point("ray", 64.0, 1, "specmoe-resident-k8") not in points
+    assert {p.mode for p in points if p.r == 8.0} == {p.mode for p in points if p.r is None} == set(sweep.EVERY_POINT)
+    assert {p.mode for p in points if p.r == 256.0} == set(sweep.LARGEST_R_MODES)
     every = set(sweep.plan(sweep.SweepConfig(r=[8.0], batch_sizes=[1], all_points=True)))
     assert len(every) == (len(sweep.MODES) - 1) + len(sweep.MODES)  # ray: all but remote; grpc: all
-    assert all(m in sweep.MODES for m in (*sweep.EVERY_POINT, *sweep.GRPC_MODES))
+    assert all(m in sweep.MODES for m in (*sweep.EVERY_POINT, *sweep.GRPC_MODES, *sweep.LARGEST_R_MODES, *sweep.NOT_AT_HEADLINE))
     assert all(sweep.MODES[m].get("k_max") == 8 for m in sweep.MODES if m.startswith("specmoe"))
 
 
@@ -175,6 +177,7 @@ def test_the_paper_grid_leaves_out_a_pinned_set_as_large_as_the_layer_and_the_ra
     assert {"specmoe-hot-set-global", "specmoe-hot-sub-random", "specmoe-hot-k10"} <= modes16
     assert {p.mode for p in points if p.batch == 256} == {*paper.BASELINES, *paper.POLICIES}
     assert "specmoe-hot-n16" in {p.mode for p in paper.plan(cfg, 12.0, experts=64)}
+    assert not any(p.batch == 16 for p in paper.plan(cfg, 64.0, experts=64))  # the ablations run at one R
     assert paper.MODES["specmoe-hot-k10"]["k_max"] == 10
     with pytest.raises(ValueError, match="emulated link only"):
         paper.plan(cfg, None, experts=8)
