@@ -55,8 +55,10 @@ class ExpertCache:
         self.entries: OrderedDict[Key, tuple[Any, int]] = OrderedDict()  # oldest use first
         self.pinned: set[Key] = set()
         self.uses: Counter[Key] = Counter()
-        # optional: key -> predicted use (the history mode's); evict the lowest first, and refuse
-        # a newcomer predicted to be used less than every expert it would evict
+        # optional: key -> predicted use (the history mode's recent activation share; specmoe's
+        # ExpertRuntime.predicted_use, the latest routing then recent use); evict the lowest first
+        # (ties in the policy's order), and refuse a newcomer predicted to be used less than every
+        # expert it would evict. Pinned experts are never candidates.
         self.priority: Callable[[Key], float] | None = None
         self.used_bytes = 0
         self.peak_bytes = 0

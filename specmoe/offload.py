@@ -246,6 +246,19 @@ class ExpertRuntime:
         held = sum(g.nbytes + d.nbytes for part in (self.staged, self.decoded) for g, d in part.values())
         self.counters.peak_staged_bytes = max(self.counters.peak_staged_bytes, held)
 
+    def predicted_use(self, key: Key) -> float:
+        """The cache's priority in speculative modes: how likely the next round is to use ``key``.
+
+        Consecutive positions route alike, so the latest routing predicts the next round best:
+        an expert this round's draft predicted, its verification used, or the hot draft policy
+        drafts with outranks every other; then the count of the last exact passes that used it.
+        Ties keep the eviction policy's order. Read at the end of a round, when fetched experts
+        are admitted: the only time the cache evicts.
+        """
+        layer, expert = key
+        latest = any(expert in part.get(layer, ()) for part in (self.counters.predicted, self.used, self.hot))
+        return (HOT_WINDOW + 1) * latest + sum(expert in used.get(layer, ()) for used in self.recent_use)
+
     def admit_staged(self) -> None:
         """End of a round: fetched experts enter the cache (as its policy allows); the round's
         dequantized shadow copies are dropped."""
@@ -538,6 +551,8 @@ def attach_runtime(model, fetch: FetchFn, config, device: torch.device | str = "
 
         runtime.history = RoutingHistory(runtime.num_experts)
         cache.priority = runtime.history.priority  # admission and eviction by recent activation share
+    elif config.speculative:
+        cache.priority = runtime.predicted_use  # admission and eviction by the latest routing, then recent use
     for (layer, block), nxt in zip(blocks, blocks[1:] + [(None, None)]):
         block.experts.implementation = "offloaded"
         block.experts.runtime = runtime
