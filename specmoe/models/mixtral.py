@@ -12,7 +12,15 @@ from torch import nn
 
 from specmoe.batch import ForwardBatch
 from specmoe.kv_cache import KVCache
-from specmoe.layers import Experts, RMSNorm, RotaryEmbedding, TopKRouter, apply_rotary, ragged_attention
+from specmoe.layers import (
+    Experts,
+    RMSNorm,
+    RotaryEmbedding,
+    TopKRouter,
+    apply_rotary,
+    input_major_linear,
+    ragged_attention,
+)
 from specmoe.weights import WeightName
 
 CHECKPOINT_NAMES = (
@@ -38,10 +46,10 @@ class MixtralAttention(nn.Module):
         self.sliding_window = self.window(config, layer_idx)
         hidden, q_size, kv_size = config.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         qkv_bias, o_bias = self.biases(config)
-        self.q_proj = nn.Linear(hidden, q_size, bias=qkv_bias)
-        self.k_proj = nn.Linear(hidden, kv_size, bias=qkv_bias)
-        self.v_proj = nn.Linear(hidden, kv_size, bias=qkv_bias)
-        self.o_proj = nn.Linear(q_size, hidden, bias=o_bias)
+        self.q_proj = input_major_linear(hidden, q_size, bias=qkv_bias)
+        self.k_proj = input_major_linear(hidden, kv_size, bias=qkv_bias)
+        self.v_proj = input_major_linear(hidden, kv_size, bias=qkv_bias)
+        self.o_proj = input_major_linear(q_size, hidden, bias=o_bias)
 
     @staticmethod
     def biases(config) -> tuple[bool, bool]:
@@ -137,7 +145,7 @@ class MixtralForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = MixtralModel(config, self.decoder_layer_class)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = input_major_linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
 
     def tie_weights(self) -> None:
