@@ -23,6 +23,7 @@ from specmoe.engine import Engine
 from specmoe.layers import TopKRouter
 from specmoe.metrics import summarize
 from specmoe.offload import checkpoint_fetcher
+from specmoe.quant import PackedInt4, pack_int4_for_cpu, quantize
 from specmoe.sampling import SamplingParams
 
 TEXTS = ["ROMEO:\nBut soft, what light", "First Citizen:\nWe are", "KING"]
@@ -103,6 +104,27 @@ def test_the_shadow_drafts_while_the_exact_experts_are_in_flight(shipped_model, 
     m = summarize(engine, sum(map(len, tokens)), 1.0)
     assert engine.runtime.counters.shadow_uses > 0
     assert m["drafted_tokens"] > 0 and m["acceptance_rate"] >= 0.7, m
+
+
+def test_a_wrong_shadow_drafts_badly_and_the_output_stays_exact(shipped_model, shipped_prompts):
+    """The draft really runs on the shadow while the exact experts are in flight: with a
+    deliberately wrong shadow (each copy's down projection negated, packed like the real one)
+    acceptance collapses, and verification, which never uses the shadow, keeps the output exact."""
+    prompts, refs = shipped_prompts
+    decoder = DecoderConfig(mode="specmoe", draft_policy="shadow", k=3, cache_budget=0.25)
+    source = DelayedSource(shipped_model, 0.05)
+    engine = Engine(EngineConfig(model=shipped_model, max_batch_size=len(prompts), decoder=decoder), fetch=source)
+    source.runtime = engine.runtime
+    read = checkpoint_fetcher(shipped_model)
+    for (layer, e), copies in engine.runtime.shadow.items():
+        gate_up, down = (w.float() for w in read(layer, [e])[e].result())
+        wrong = (quantize(gate_up, 4, 32), quantize(-down, 4, 32))
+        engine.runtime.shadow[(layer, e)] = tuple(map(pack_int4_for_cpu, wrong)) if isinstance(copies[0], PackedInt4) else wrong
+    outs = engine.generate(prompts, SamplingParams(max_new_tokens=NEW_TOKENS))
+    assert [o.token_ids for o in outs] == refs
+    m = summarize(engine, sum(len(o.token_ids) for o in outs), 1.0)
+    assert engine.runtime.counters.shadow_uses > 0
+    assert m["drafted_tokens"] > 0 and m["acceptance_rate"] <= 0.4, m
 
 
 def test_the_resident_policy_drafts_with_a_small_budget(shipped_model, shipped_prompts):
