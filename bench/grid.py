@@ -37,6 +37,11 @@ def r_label(r: float | None) -> str:
     return "raw" if r is None else f"{r:g}"
 
 
+def link_title(r: float | None) -> str:
+    """What a figure says about its link."""
+    return "raw link" if r is None else f"emulated link at R = {r:g}"
+
+
 def parse_r(text: str) -> float | None:
     """``--r`` values: ``raw`` (no emulated link) or a number > 0."""
     if text == "raw":

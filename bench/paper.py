@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.grid import (  # noqa: E402
-    GridSettings, Point, Results, Target, calibrate, figure, fmt, header_lines, line_plot, parse_r, pick, plan_lines,
+    GridSettings, Point, Results, Target, calibrate, figure, fmt, header_lines, line_plot, link_title, parse_r, pick, plan_lines,
     point_table, ratio, run_grid, save_figure, target_table,
 )
 from bench.modes import LRU, budget_fraction  # noqa: E402
@@ -236,7 +236,7 @@ def plots(data: dict, stem: str) -> None:
     for ax, key, label in ((axes[0], "tokens_per_s", "generated tokens / s"), (axes[1], "expert_bytes_moved", "expert bytes moved (run)")):
         line_plot(ax, {m: [(b, x[key]) for b in batches if (x := pick(rows, "ray", r, b, m)) and key in x] for m in modes},
                   log_y=key != "tokens_per_s")
-        ax.set(xscale="log", xlabel="batch size", ylabel=label, title=f"R = {fmt(r)} (Ray)")
+        ax.set(xscale="log", xlabel="batch size", ylabel=label, title=f"experts over Ray, {link_title(r)}")
     save_figure(plt, fig, f"{stem}-batch.png")
     ablation_batch = next((x["batch"] for x in rows if x["mode"] in ABLATIONS), None)
     ablations = [x for m in (DEFAULT, *ABLATIONS) if (x := pick(rows, "ray", r, ablation_batch, m))]
@@ -245,7 +245,7 @@ def plots(data: dict, stem: str) -> None:
         names = [x["mode"].removeprefix("specmoe-hot-") for x in ablations]
         axes[0].bar(names, [x["tokens_per_s"] for x in ablations])
         axes[1].bar(names, [tokens_per_step(x) for x in ablations], label="tokens per step")
-        axes[0].set(ylabel="generated tokens / s", title="hot policy ablations")
+        axes[0].set(ylabel="generated tokens / s", title=f"hot policy ablations, {link_title(r)}")
         axes[1].set(ylabel="tokens per step (accepted + bonus)")
         for ax in axes:
             ax.tick_params(axis="x", rotation=45)

@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.grid import (  # noqa: E402
-    GridSettings, Point, Results, Target, best, calibrate, figure, fmt, header_lines, line_plot, parse_r, pick,
+    GridSettings, Point, Results, Target, best, calibrate, figure, fmt, header_lines, line_plot, link_title, parse_r, pick,
     plan_lines, point_table, r_label, ratio, run_grid, save_figure, target_table,
 )
 from bench.modes import LRU, budget_fraction  # noqa: E402
@@ -202,28 +202,28 @@ def plots(data: dict, stem: str) -> None:
     plt, fig, axes = figure(len(rs))
     for ax, r in zip(axes, rs):
         line_plot(ax, {m: [(b, x["tokens_per_s"]) for b in batches if (x := pick(rows, "ray", r, b, m))] for m in modes})
-        ax.set(xscale="log", xlabel="batch size", ylabel="generated tokens / s", title=f"R = {r_label(r)} (Ray)")
+        ax.set(xscale="log", xlabel="batch size", ylabel="generated tokens / s", title=f"experts over Ray, {link_title(r)}")
     save_figure(plt, fig, f"{stem}-throughput-vs-batch.png")
     labels = [r_label(r) for r in rs]
     plt, fig, axes = figure(len(batches))
     for ax, b in zip(axes, batches):
         line_plot(ax, {m: [(i, x["tokens_per_s"]) for i, r in enumerate(rs) if (x := pick(rows, "ray", r, b, m))]
                        for m in modes}, labels, log_y=True)
-        ax.set(xlabel="R (emulated link)", ylabel="generated tokens / s", title=f"batch {b} (Ray)")
+        ax.set(xlabel="R (emulated link)", ylabel="generated tokens / s", title=f"batch {b}, experts over Ray, emulated link")
     save_figure(plt, fig, f"{stem}-throughput-vs-r.png")
     plt, fig, axes = figure(1)
     line_plot(axes[0], {f"B={b}": [(i, v) for i, r in enumerate(rs)
                                    if not math.isnan(v := ratio(best(rows, "ray", r, b), pick(rows, "ray", r, b, "ondemand")))]
                         for b in batches}, labels)
     axes[0].axhline(1.0, color="grey", lw=0.8)
-    axes[0].set(xlabel="R (emulated link)", ylabel="best specmoe / ondemand (tokens/s)", title="speed-up over ondemand")
+    axes[0].set(xlabel="R (emulated link)", ylabel="best specmoe / ondemand (tokens/s)", title="speed-up over ondemand (Ray, emulated link)")
     save_figure(plt, fig, f"{stem}-speedup.png")
     for key, label, suffix, log_y in (("expert_bytes_per_token", "expert bytes moved per token", "bytes", True),
                                       ("link_utilisation", "link utilisation", "utilisation", False)):
         plt, fig, axes = figure(1)
         line_plot(axes[0], {m: [(b, x[key]) for b in batches if (x := pick(rows, "ray", HEADLINE_R, b, m)) and key in x]
                             for m in modes}, log_y=log_y)
-        axes[0].set(xscale="log", xlabel="batch size", ylabel=label, title=f"R = {HEADLINE_R:g} (Ray)")
+        axes[0].set(xscale="log", xlabel="batch size", ylabel=label, title=f"experts over Ray, {link_title(HEADLINE_R)}")
         save_figure(plt, fig, f"{stem}-{suffix}.png")
 
 
