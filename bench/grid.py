@@ -343,6 +343,9 @@ def header_lines(data: dict, title: str) -> list[str]:
         lines += [f"Link: emulated (specmoe.link), one FIFO per decoder, {s['link_latency_us']:g} us per request; bandwidth from R: "
                   f"one token's active expert bytes ({cal['active_bytes']:,}) take R resident steps at batch 1 "
                   f"({1000 * cal['step_s']:.2f} ms measured here). 'raw': no emulation, the transport as it is.", ""]
+        rs = sorted({x["r"] for x in data["rows"] if x["r"] is not None})
+        c = ModelCalibration(**cal)
+        lines += ["Bandwidth by R: " + ", ".join(f"R = {r:g}: {c.at(r).gbps * 1000:.4g} MB/s" for r in rs) + ".", ""] if rs else []
     lines += ["Every row's greedy tokens are compared with resident's at the same batch (exact).", ""]
     return lines
 
