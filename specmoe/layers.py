@@ -88,6 +88,15 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos[:, None] + rotate_half(x) * sin[:, None]
 
 
+def attention_dtype(q: torch.Tensor) -> torch.dtype:
+    """float32 for bf16 and fp16 on the CPU: there, scaled_dot_product_attention on upcast inputs
+    measured 2-4x faster than in the reduced dtype for a decode step at batch 16 (and no slower
+    for prefill), and it is the more accurate of the two. Other devices keep the dtype."""
+    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+        return torch.float32
+    return q.dtype
+
+
 def ragged_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -108,10 +117,12 @@ def ragged_attention(
         queries = q[:, :, None, :]  # [B, Hq, 1, D]
     else:
         queries = q[batch.pad_index].transpose(1, 2)  # [B, Hq, Tq, D]
+    compute = attention_dtype(q)
     out = F.scaled_dot_product_attention(
-        queries, keys, values, attn_mask=batch.mask(sliding_window), scale=scale, enable_gqa=True
+        queries.to(compute), keys.to(compute), values.to(compute),
+        attn_mask=batch.mask(sliding_window), scale=scale, enable_gqa=True,
     )  # [B, Hq, Tq, D]
-    out = out.transpose(1, 2)  # [B, Tq, Hq, D]
+    out = out.transpose(1, 2).to(q.dtype)  # [B, Tq, Hq, D]
     if not batch.is_decode:
         out = out.reshape(-1, *out.shape[2:])[batch.packed_index]  # [N, Hq, D]
     return out.reshape(out.shape[0], -1)
