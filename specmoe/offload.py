@@ -25,7 +25,7 @@ Letters as in ``specmoe.layers``.
 from __future__ import annotations
 
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
@@ -63,7 +63,7 @@ class FetchCounters:
     true_positives: int = 0
     predicted_total: int = 0
     needed_total: int = 0
-    peak_staged_bytes: int = 0  # fetched-but-not-cached plus dequantized shadow, within a round
+    peak_staged_bytes: int = 0  # fetched-but-not-cached plus dequantized shadow copies held (their pool)
     # (requested_at, delivered_at, bytes) per transfer, appended on delivery (any thread); the
     # speculation controller reads them to measure the link's bandwidth and latency
     deliveries: deque = field(default_factory=lambda: deque(maxlen=4096))
@@ -183,7 +183,8 @@ class ExpertRuntime:
         self.predicted_waiting: dict[int, set[int]] = {}  # layer -> predicted experts not yet requested
         self.in_flight: dict[Key, Future] = {}
         self.staged: dict[Key, ExpertTensors] = {}  # fetched for the coming exact pass
-        self.decoded: dict[Key, ExpertTensors] = {}  # shadow copies dequantized this round
+        self.decoded: OrderedDict[Key, ExpertTensors] = OrderedDict()  # dequantized shadow copies, least recently drafted first
+        self.pool_bytes = 0  # what ``decoded`` keeps from one round to the next (build_shadow sets it)
         self.counters = FetchCounters()
         self.next_router: dict[int, torch.nn.Module] = {}  # layer -> router of the next MoE layer
         # remote compute (optional): compute_fn(layer, expert, x [n, H]) -> future of [n, H]
@@ -260,12 +261,12 @@ class ExpertRuntime:
         return (HOT_WINDOW + 1) * latest + sum(expert in used.get(layer, ()) for used in self.recent_use)
 
     def admit_staged(self) -> None:
-        """End of a round: fetched experts enter the cache (as its policy allows); the round's
-        dequantized shadow copies are dropped."""
+        """End of a round: fetched experts enter the cache (as its policy allows); the pool of
+        dequantized shadow copies is trimmed to its budget."""
         for key, (gate_up, down) in self.staged.items() if self.keep_fetched else ():
             self.cache.put(key, (gate_up, down), gate_up.nbytes + down.nbytes)
         self.staged.clear()
-        self.decoded.clear()
+        self._trim_pool()
         self.recent_use.append(self.used)
         self.used, self.hot = {}, {}
 
@@ -307,7 +308,8 @@ class ExpertRuntime:
         On the CPU an int4 copy is kept in the layout of torch's int4 matmul where that kernel
         takes it (``PackedInt4``): the draft multiplies by it directly, so no round dequantizes
         and no dequantized copy is held. Elsewhere (int8, a GPU, a group size the kernel lacks)
-        a copy is dequantized once per round that uses it.
+        a copy is dequantized when a draft first needs it and kept in a pool of dequantized
+        copies as large as the shadow itself (``pool_bytes``), least recently drafted out first.
         """
         from specmoe.quant import pack_int4_for_cpu, quantize
 
@@ -317,6 +319,8 @@ class ExpertRuntime:
                 packed = tuple(map(pack_int4_for_cpu, q)) if self.device.type == "cpu" else (None,)
                 self.shadow[(layer, e)] = q if None in packed else packed
         self.shadow_bytes = sum(a.nbytes + b.nbytes for a, b in self.shadow.values())
+        unpacked = not all(isinstance(pair[0], PackedInt4) for pair in self.shadow.values())
+        self.pool_bytes = self.shadow_bytes if unpacked else 0  # dequantized copies held: at most the shadow's size again
 
     # -- weights for one layer's pass -----------------------------------------------------
 
@@ -389,18 +393,33 @@ class ExpertRuntime:
             return resident
         if key in self.in_flight and self.in_flight[key].done():
             self._collect([key])  # arrived already: draft with the exact weights, at no wait
+            self.upload.wait()  # the compute stream waits for the copy (a device-side wait, not a host one)
         if key in self.staged:
             return self.staged[key]
         if self.draft_policy == "shadow":
             self.counters.shadow_uses += 1
             if isinstance(self.shadow[key][0], PackedInt4):
                 return self.shadow[key]  # multiplied in its packed form (run_experts): nothing to dequantize
-            if key not in self.decoded:  # dequantized once per round, reused by every draft step
-                gate_up, down = self.shadow[key]
-                self.decoded[key] = (gate_up.dequantize(self.dtype), down.dequantize(self.dtype))
-                self._note_round_bytes()
-            return self.decoded[key]
+            return self._dequantized(key)
         return None  # resident policy: only reachable with weight 0 (fewer resident than top-k)
+
+    def _dequantized(self, key: Key) -> ExpertTensors:
+        """A shadow copy that is not packed, dequantized; kept in a pool across rounds (up to
+        ``pool_bytes``, trimmed least recently drafted first at the end of a round, never
+        within one), so a round pays only for copies the pool does not hold."""
+        if key in self.decoded:
+            self.decoded.move_to_end(key)
+        else:
+            gate_up, down = self.shadow[key]
+            self.decoded[key] = (gate_up.dequantize(self.dtype), down.dequantize(self.dtype))
+            self._note_round_bytes()
+        return self.decoded[key]
+
+    def _trim_pool(self) -> None:
+        held = sum(g.nbytes + d.nbytes for g, d in self.decoded.values())
+        while held > self.pool_bytes:
+            _, (gate_up, down) = self.decoded.popitem(last=False)
+            held -= gate_up.nbytes + down.nbytes
 
     # -- the hot draft policy -------------------------------------------------------------
 

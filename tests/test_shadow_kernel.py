@@ -69,3 +69,33 @@ def test_the_shadow_draft_holds_no_dequantized_copy(checkpoints):
     rt = engine.runtime
     assert all(isinstance(m, PackedInt4) for pair in rt.shadow.values() for m in pair)
     assert rt.counters.shadow_uses > 0 and decoded and not any(decoded)
+
+
+def test_unpacked_shadows_are_dequantized_into_a_pool_kept_across_rounds(checkpoints):
+    """int8 shadows (no packed form): a copy dequantized in one round serves later rounds from
+    the pool, which never holds more than ``pool_bytes`` (the shadow's size) between rounds."""
+    path = checkpoints[("mixtral", "per_expert")]
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    refs = [o.token_ids for o in Engine(EngineConfig(model=path, max_batch_size=2)).generate(prompts, params)]
+    decoder = DecoderConfig(mode="specmoe", draft_policy="shadow", k=3, cache_budget=0.25, shadow_bits=8)
+    source = DelayedSource(path, 0.02)
+    engine = Engine(EngineConfig(model=path, max_batch_size=2, decoder=decoder), fetch=source)
+    source.runtime = rt = engine.runtime
+    assert rt.pool_bytes == rt.shadow_bytes > 0
+    carried, reused, held = set(), [], []
+    admit, dequantized = rt.admit_staged, rt._dequantized
+
+    def admit_and_look():
+        admit()
+        held.append(sum(g.nbytes + d.nbytes for g, d in rt.decoded.values()))
+        carried.clear()
+        carried.update(rt.decoded)
+
+    def look_and_dequantize(key):
+        reused.append(key in carried)
+        return dequantized(key)
+
+    rt.admit_staged, rt._dequantized = admit_and_look, look_and_dequantize
+    assert [o.token_ids for o in engine.generate(prompts, params)] == refs
+    assert any(reused) and max(held) <= rt.pool_bytes
