@@ -12,6 +12,8 @@ from specmoe.expert_cache import ExpertCache
 from specmoe.offload import ExpertRuntime, completed
 from specmoe.sampling import SamplingParams
 
+from test_draft_policies import DelayedSource
+
 NBYTES = 48
 
 
@@ -75,13 +77,17 @@ def test_a_newcomer_predicted_less_useful_than_every_resident_is_refused():
     assert cache.resident(0) == {0, 1} and cache.stats.refused == 1
 
 
-def test_specmoe_sets_the_predicted_use_priority_and_stays_exact(checkpoints):
+def test_specmoe_sets_the_predicted_use_priority_and_stays_exact_for_every_policy_and_migration(checkpoints):
     path = checkpoints[("mixtral", "per_expert")]
     prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
     params = SamplingParams(max_new_tokens=10, ignore_eos=True)
     refs = [o.token_ids for o in Engine(EngineConfig(model=path, max_batch_size=3)).generate(prompts, params)]
     for policy in ("resident", "shadow", "hot"):
-        decoder = DecoderConfig(mode="specmoe", draft_policy=policy, k=3, cache_budget=0.25)
-        engine = Engine(EngineConfig(model=path, max_batch_size=3, decoder=decoder))
-        assert engine.runtime.cache.priority == engine.runtime.predicted_use
-        assert [o.token_ids for o in engine.generate(prompts, params)] == refs, policy
+        for migration in ("eager", "deferred"):
+            decoder = DecoderConfig(mode="specmoe", draft_policy=policy, k=3, cache_budget=0.25, migration=migration)
+            source = DelayedSource(path, 0.01)  # drafts run on their policy while the exact experts are in flight
+            engine = Engine(EngineConfig(model=path, max_batch_size=3, decoder=decoder), fetch=source)
+            source.runtime = engine.runtime
+            assert engine.runtime.cache.priority == engine.runtime.predicted_use
+            assert [o.token_ids for o in engine.generate(prompts, params)] == refs, (policy, migration)
+            assert engine.counters.drafted_tokens > 0
