@@ -242,3 +242,19 @@ def test_requests_join_while_others_draft(checkpoints):
     assert mixed >= 1  # request 3 prefilled in a round in which requests 1 and 2 checked their drafts
     c = engine.counters
     assert c.drafted_tokens > c.accepted_tokens > 0  # drafts were rejected and rolled back too
+
+
+def test_draft_wait_counts_only_a_source_that_blocks_in_its_fetch_call(checkpoints):
+    """A draft never awaits a delivery (DelayedSource delivers nothing while drafting, and drafts
+    still finish); the only time a draft can lose to a source is inside its fetch call, counted
+    as draft_wait_s."""
+    path = checkpoints[("mixtral", "per_expert")]
+    decoder = DecoderConfig(mode="specmoe", draft_policy="shadow", k=2, cache_budget=0.25)
+    _, engine = generate(path, decoder, [[5, 6, 7]], DelayedSource(path, 0.01), new_tokens=6)
+    assert engine.counters.drafted_tokens > 0 and engine.runtime.counters.draft_wait_s < 0.05
+    source = BlockingSource(path, 0.01)
+    engine = Engine(EngineConfig(model=path, max_batch_size=1, decoder=decoder), fetch=source)
+    source.runtime = engine.runtime
+    engine.generate([[5, 6, 7]], SamplingParams(max_new_tokens=6, ignore_eos=True))
+    c = engine.runtime.counters
+    assert engine.counters.drafted_tokens > 0 and c.draft_wait_s >= 0.01
