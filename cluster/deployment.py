@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from cluster.placement import Placement, plan_placement
+from specmoe.affinity import has_affinity, load_affinity
 from specmoe.config import SHIPPED_MODEL, DecoderConfig, EngineConfig
 from specmoe.link import LinkConfig
 
@@ -396,10 +397,15 @@ class Deployment:
     stores: StoreSet
     decoders: list = field(default_factory=list)
     coordinator: object | None = None
+    shards: Path | None = None  # the prepared directory the stores serve
 
     def source(self):
-        """An in-process source over the stores, with the spec's transport (benchmarks, a driver-side engine)."""
-        return self.stores.source_spec(self.spec.transport).build()
+        """An in-process source over the stores, with the spec's transport (benchmarks, a driver-side engine);
+        it carries the prepared directory's affinity table (``source.affinity``) for the hot draft policy."""
+        source = self.stores.source_spec(self.spec.transport).build()
+        if self.shards is not None and has_affinity(self.shards):
+            source.affinity = load_affinity(self.shards)
+        return source
 
     def shutdown(self, stores: bool = True, timeout_s: float = 30.0) -> None:
         """Stop the coordinator and decoders, and the stores unless ``stores=False``; returns once
@@ -438,7 +444,7 @@ def build_deployment(spec: DeploymentSpec) -> Deployment:
     stores = _stores(spec, shards)
     decoders, started = [], []
     for i in range(spec.decoders.count):
-        handle, new = _decoder(spec, i, stores)
+        handle, new = _decoder(spec, i, stores, shards)
         decoders.append(handle)
         started += [handle] if new else []
     try:
@@ -448,7 +454,7 @@ def build_deployment(spec: DeploymentSpec) -> Deployment:
             ray.kill(handle, no_restart=True)
         raise
     coordinator = _coordinator(spec, decoders) if decoders else None
-    return Deployment(spec, stores, decoders, coordinator)
+    return Deployment(spec, stores, decoders, coordinator, shards)
 
 
 def _named(name: str, namespace: str):
@@ -513,12 +519,12 @@ def _check_attached_store(name: str, handle, keys, health: dict, model: str, tra
                          "or use transport.kind 'ray'")
 
 
-def _decoder(spec: DeploymentSpec, i: int, stores: StoreSet):
+def _decoder(spec: DeploymentSpec, i: int, stores: StoreSet, shards: Path):
     import ray
 
     from actors.decoder import decoder_actor
 
-    name, config = spec.decoder_name(i), spec.engine_config()
+    name, config = spec.decoder_name(i), _with_affinity(spec.engine_config(), shards)
     handle = _named(name, spec.namespace)
     if handle is not None:
         running = ray.get(handle.engine_config.remote())
@@ -534,6 +540,15 @@ def _decoder(spec: DeploymentSpec, i: int, stores: StoreSet):
     options = dict(name=name, namespace=spec.namespace, lifetime="detached", max_restarts=d.max_restarts, num_gpus=d.num_gpus,
                    resources=dict(d.resources), num_cpus=0 if d.resources or d.num_gpus else 1)
     return decoder_actor(**options).remote(config, source), True
+
+
+def _with_affinity(config: EngineConfig, shards: Path) -> EngineConfig:
+    """A hot-policy decoder gets the prepared directory's affinity table itself (a few KB), so
+    it needs no access to the shards and moves no expert to compute it."""
+    d = config.decoder
+    if not (d.speculative and d.draft_policy == "hot" and d.affinity is None and has_affinity(shards)):
+        return config
+    return replace(config, decoder=replace(d, affinity=load_affinity(shards)))
 
 
 def _coordinator(spec: DeploymentSpec, decoders: list):

@@ -22,10 +22,12 @@ def prepared_dir(model_dir) -> Path:
     """Shards of ``model_dir`` under the cache (``SPECMOE_CACHE``, default ~/.cache/specmoe).
 
     Prepared once; verified on every call (the CRC-32 of every file, one read of the cache),
-    and a cache with a missing or corrupt file is repaired by ``prepare`` before it is used.
+    and a cache with a missing or corrupt file, or prepared before the affinity table existed,
+    is repaired by ``prepare`` before it is used (it writes only what is missing).
     """
     import sys
 
+    from specmoe.affinity import has_affinity
     from specmoe.shards import verify_prepared
     from specmoe.weights import Checkpoint
 
@@ -33,7 +35,7 @@ def prepared_dir(model_dir) -> Path:
     out = root / fingerprint(Checkpoint(model_dir))
     if (out / "manifest.json").exists():
         bad = verify_prepared(out)
-        if not bad:
+        if not bad and has_affinity(out):
             return out
         print(f"[specmoe] shard cache {out}: {len(bad)} file(s) do not match the manifest ({', '.join(bad[:4])}); "
               "rewriting them", file=sys.stderr)

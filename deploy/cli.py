@@ -23,7 +23,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_decoder_arguments(parser: argparse.ArgumentParser) -> None:
-    from specmoe.config import DRAFT_POLICIES, MIGRATIONS, MODES
+    from specmoe.config import DRAFT_POLICIES, HOT_SETS, MIGRATIONS, MODES, SUBSTITUTIONS
 
     from specmoe.config import DecoderConfig
 
@@ -37,6 +37,15 @@ def add_decoder_arguments(parser: argparse.ArgumentParser) -> None:
                              "replaced by its nearest pinned expert)")
     parser.add_argument("--hot-experts", type=int, default=default.hot_experts,
                         help="pinned experts per layer of the hot draft policy")
+    parser.add_argument("--hot-set", choices=HOT_SETS, default=default.hot_set,
+                        help="which experts the hot draft policy pins: temporal (the paper's: the resident ones recent "
+                             "verification passes used most), global (the --profile's hottest per layer, fixed) or "
+                             "random (seeded, fixed)")
+    parser.add_argument("--substitution", choices=SUBSTITUTIONS, default=default.substitution,
+                        help="what a hot draft pick outside the pinned experts runs: affinity (its nearest pinned "
+                             "expert, by the table `specmoe prepare` computes) or random (a seeded random pinned expert)")
+    parser.add_argument("--trace", default=None,
+                        help="the overlap mode's routing trace of the same run (specmoe.trace.record_trace writes it)")
     parser.add_argument("--migration", choices=MIGRATIONS, default=default.migration,
                         help="when specmoe requests the draft's predicted experts: eager (as each draft step predicts "
                              "them) or deferred (once, coalesced, when verification starts)")
@@ -74,6 +83,16 @@ def check_decoder_arguments(args: argparse.Namespace) -> None:
     if args.remote_compute and (args.experts != "grpc" or not offloaded):
         raise ValueError(f"--remote-compute needs --experts grpc and a mode that fetches experts, "
                          f"got --experts {args.experts} --mode {args.mode}")
+    from specmoe.config import DecoderConfig
+
+    default = DecoderConfig()
+    hot_flags = [f for f, v, d in (("--hot-set", args.hot_set, default.hot_set),
+                                   ("--substitution", args.substitution, default.substitution)) if v != d]
+    if hot_flags and not (MODES[args.mode].speculative and args.draft_policy == "hot"):
+        raise ValueError(f"{', '.join(hot_flags)} configure the hot draft policy and need --draft-policy hot with a "
+                         f"speculative mode, got --draft-policy {args.draft_policy} --mode {args.mode}")
+    if args.trace is not None and not MODES[args.mode].oracle:
+        raise ValueError(f"--trace is replayed by --mode overlap only, got --mode {args.mode}")
     grpc_flags = [f for f, v in [("--grpc-token", args.grpc_token), ("--grpc-tls-cert", args.grpc_tls_cert),
                                  ("--grpc-tls-key", args.grpc_tls_key)] if v is not None]
     if grpc_flags and args.experts != "grpc":
@@ -124,6 +143,9 @@ def decoder_config(args: argparse.Namespace):
         remote_compute=args.remote_compute,
         migration=args.migration,
         hot_experts=args.hot_experts,
+        hot_set=args.hot_set,
+        substitution=args.substitution,
+        trace=args.trace,
     )
 
 

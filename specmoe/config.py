@@ -15,6 +15,8 @@ from specmoe.quant import check_group_size
 SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "models" / "shakespeare-tiny-moe"
 DRAFT_POLICIES = ("resident", "shadow", "hot")
 MIGRATIONS = ("eager", "deferred")
+HOT_SETS = ("temporal", "global", "random")
+SUBSTITUTIONS = ("affinity", "random")
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,9 @@ class Mode:
     static_hot:  the cache is only a pinned hot set, this share of all experts (the routing
                  profile's hottest); misses are fetched for their pass and not kept (None: a
                  cache with the budget and eviction policy)
+    oracle:      replays a recorded routing trace of the same run (``DecoderConfig.trace``):
+                 while layer l computes, layer l+1's experts of this pass are requested, and
+                 the next pass's first layer while the last one computes
     """
 
     name: str
@@ -42,6 +47,7 @@ class Mode:
     remote: bool = False
     static_hot: float | None = None
     history: bool = False
+    oracle: bool = False
 
 
 MODES: dict[str, Mode] = {m.name: m for m in (
@@ -57,6 +63,9 @@ MODES: dict[str, Mode] = {m.name: m for m in (
          help="prefetch the next layers' likeliest experts from decayed routing history (MoE-Infinity's, training-free)"),
     Mode("caching", offloaded=True, speculative=False, lookahead=False, static_hot=0.10,
          help="a static hot set (the routing profile's top 10% of experts) pinned, misses fetched on demand and not kept"),
+    Mode("overlap", offloaded=True, speculative=False, lookahead=False, oracle=True,
+         help="an oracle, the upper bound for prefetching: replays a recorded routing trace of the same run (needs "
+              "--trace) and prefetches exactly the next layer's experts while a layer computes"),
 )}
 
 
@@ -71,9 +80,19 @@ class DecoderConfig:
                      copy of every expert)
                      | hot (the paper's: a pick outside the layer's hot_experts pinned experts, the
                      ones recent verification passes used most, drafts with its nearest pinned
-                     expert by L2 distance of the flattened [gate_up; down] weights, keeping the
-                     router's weight)
+                     expert by the affinity table (specmoe.affinity; by default the cosine distance
+                     of the experts' router rows), keeping the router's weight)
     hot_experts:     experts per layer the hot draft policy drafts with
+    hot_set:         which experts the hot policy pins: temporal (the paper's: the resident ones
+                     recent verification passes used most) | global (the routing profile's
+                     hottest hot_experts per layer, fixed; needs a profile) | random
+                     (hot_experts seeded random experts per layer, fixed)
+    substitution:    what a hot draft pick outside the pinned set runs: affinity (its nearest
+                     pinned expert by the affinity table) | random (a seeded random pinned expert)
+    affinity:        the hot policy's affinity table: a prepared directory or its affinity.json
+                     (None: the source's prepared directory if it has one, else computed at
+                     start-up from the experts, moving each once)
+    trace:           the overlap mode's routing trace (``specmoe.trace.RoutingTrace``, JSON)
     k:               draft tokens per round, an integer in [0, k_max] or "auto" (adaptive)
     cache_budget:    expert cache size, the unit in the syntax: a fraction of all expert bytes
                      (0.25, "25%"; in (0, 1]) or a size ("64MB", "1.5GiB", "1000000B")
@@ -98,6 +117,10 @@ class DecoderConfig:
     remote_compute: bool = False
     migration: str = "eager"
     hot_experts: int = 4
+    hot_set: str = "temporal"
+    substitution: str = "affinity"
+    affinity: str | Path | None = None
+    trace: str | Path | None = None
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -107,6 +130,16 @@ class DecoderConfig:
         if self.mode_spec.static_hot is not None and self.profile is None:
             raise ValueError(f"mode {self.mode!r} pins the routing profile's hottest experts: give a profile "
                              "(`specmoe profile` writes one)")
+        if self.hot_set not in HOT_SETS:
+            raise ValueError(f"unknown hot_set {self.hot_set!r}; allowed: {', '.join(HOT_SETS)}")
+        if self.substitution not in SUBSTITUTIONS:
+            raise ValueError(f"unknown substitution {self.substitution!r}; allowed: {', '.join(SUBSTITUTIONS)}")
+        if self.hot_set == "global" and self.profile is None:
+            raise ValueError("hot_set 'global' pins the routing profile's hottest experts per layer: give a profile "
+                             "(`specmoe profile` writes one)")
+        if self.mode_spec.oracle and self.trace is None:
+            raise ValueError(f"mode {self.mode!r} replays a recorded routing trace: give trace "
+                             "(specmoe.trace.record_trace writes one)")
         if not (isinstance(self.hot_experts, int) and self.hot_experts >= 1):
             raise ValueError(f"hot_experts must be an integer >= 1, got {self.hot_experts!r}")
         if self.migration not in MIGRATIONS:

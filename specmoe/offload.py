@@ -179,6 +179,10 @@ class ExpertRuntime:
         self.recent_use: deque[dict[int, set[int]]] = deque(maxlen=HOT_WINDOW)  # experts the last exact passes used
         self.used: dict[int, set[int]] = {}  # this round's exact pass
         self.hot: dict[int, set[int]] = {}  # this round's hot set per layer
+        self.fixed_hot: dict[int, set[int]] = {}  # hot_set global | random: the layer's pinned draft experts, fixed
+        self.substitution_rng: torch.Generator | None = None  # substitution random: seeded picks among the pinned
+        self.affinity_origin = ""  # where the affinity table came from (prepared, or computed at start-up)
+        self.oracle = None  # the overlap mode: a specmoe.trace.OracleReplay
         self.deferred = False  # migration: hold the draft's predictions until verification starts
         self.predicted_waiting: dict[int, set[int]] = {}  # layer -> predicted experts not yet requested
         self.in_flight: dict[Key, Future] = {}
@@ -428,7 +432,10 @@ class ExpertRuntime:
 
     def hot_set(self, layer: int) -> set[int]:
         """The layer's pinned draft experts this round: the ``hot_experts`` resident ones the last
-        exact passes used most (ties: lower id). Chosen among experts already here: moves no bytes."""
+        exact passes used most (ties: lower id). Chosen among experts already here: moves no bytes.
+        With a fixed set (hot_set global or random, pinned at start-up): its resident members."""
+        if layer in self.fixed_hot:
+            return self.fixed_hot[layer] & self.cache.resident(layer)
         if layer not in self.hot:
             uses = Counter(e for used in self.recent_use for e in used.get(layer, ()))
             resident = sorted(self.cache.resident(layer), key=lambda e: (-uses[e], e))
@@ -437,11 +444,18 @@ class ExpertRuntime:
 
     def substitute(self, layer: int, indices: torch.Tensor) -> torch.Tensor:
         """Draft routing of the hot policy: a pick whose exact weights are not here becomes its
-        nearest pinned expert (the router's weight is kept by the caller). [N, K] -> [N, K]"""
+        nearest pinned expert (the router's weight is kept by the caller); with a substitution
+        generator, a seeded random pinned expert instead. [N, K] -> [N, K]"""
         hot = self.hot_set(layer)
-        table = [e if not hot or self._available((layer, e)) else next(o for o in self.affinity[layer][e] if o in hot)
+        table = [e if not hot or self._available((layer, e)) else self._substitute_for(layer, e, hot)
                  for e in range(self.num_experts[layer])]
         return torch.tensor(table, device=indices.device)[indices]
+
+    def _substitute_for(self, layer: int, expert: int, hot: set[int]) -> int:
+        if self.substitution_rng is not None:
+            pool = sorted(hot)
+            return pool[int(torch.randint(len(pool), (), generator=self.substitution_rng))]
+        return next(o for o in self.affinity[layer][expert] if o in hot)
 
     # -- router hooks ---------------------------------------------------------------------
 
@@ -461,6 +475,8 @@ class ExpertRuntime:
                 allowed = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)  # [E]
                 allowed[list(self.cache.resident(router.layer))] = True
                 weights, indices = router.select(logits, allowed)
+        elif self.oracle is not None:
+            self.oracle.route(self, router.layer, indices)
         elif self.history is not None:
             self._prefetch_from_history(router.layer, indices)
         elif self.lookahead and not self.always_remote and router.layer in self.next_router:
@@ -485,16 +501,6 @@ def offloaded_experts(experts: Experts, hidden_states, top_k_index, top_k_weight
     return run_experts(
         experts, hidden_states, top_k_index, top_k_weights, lambda tokens: experts.runtime.weights(experts.layer, tokens)
     )
-
-
-def expert_affinity(weights: dict[int, ExpertTensors]) -> dict[int, list[int]]:
-    """Each expert's other experts, nearest first (ties: lower id): the L2 distance between the
-    experts' flattened [gate_up; down] weights, in fp32."""
-    ids = sorted(weights)
-    flat = torch.stack([torch.cat([g.float().reshape(-1), d.float().reshape(-1)]) for g, d in map(weights.get, ids)])  # [E, P]
-    dist = torch.cdist(flat[None], flat[None])[0]  # [E, E]
-    order = [sorted(range(len(ids)), key=lambda j: (dist[i, j].item(), ids[j])) for i in range(len(ids))]
-    return {e: [ids[j] for j in order[i] if j != i] for i, e in enumerate(ids)}
 
 
 def await_next(futures: list) -> int:
@@ -523,6 +529,63 @@ def checkpoint_fetcher(model_dir) -> FetchFn:
     from specmoe.expert_source import CheckpointSource
 
     return CheckpointSource(model_dir)
+
+
+def _set_up_hot(runtime: ExpertRuntime, model, fetch, config) -> None:
+    """The hot draft policy's pinned sets and substitution.
+
+    hot_set temporal chooses from recent use each round; global and random fix the set now
+    and pin it in the cache (moving those experts once). Affinity substitution takes the
+    table from ``config.affinity`` or the source (a prepared directory's, computed by
+    ``specmoe prepare``); without either it is computed here, and says so (the default
+    router distance reads only the router weights; the others move every expert once).
+    """
+    import random
+
+    n = runtime.hot_experts
+    if config.hot_set == "global":
+        from specmoe.profile import RoutingProfile
+
+        ranked = RoutingProfile.load(config.profile).ranked()
+        runtime.fixed_hot = {layer: set([e for l, e in ranked if l == layer][:n]) for layer in runtime.num_experts}
+    elif config.hot_set == "random":
+        rng = random.Random(0)
+        runtime.fixed_hot = {layer: set(rng.sample(range(count), min(n, count))) for layer, count in sorted(runtime.num_experts.items())}
+    if runtime.fixed_hot:
+        runtime.pin([(layer, e) for layer, hot in sorted(runtime.fixed_hot.items()) for e in sorted(hot)], runtime.cache.budget)
+    if config.substitution == "random":
+        runtime.substitution_rng = torch.Generator().manual_seed(0)
+        return
+    table = _prepared_affinity(fetch, config)
+    if table is not None:
+        runtime.affinity, runtime.affinity_origin = table.layers, f"prepared ({table.distance} distance)"
+        return
+    import sys
+
+    from specmoe.affinity import DEFAULT_DISTANCE, READS_NO_EXPERT, expert_affinity, layer_context
+
+    reads = DEFAULT_DISTANCE not in READS_NO_EXPERT
+    print("[specmoe] no prepared affinity table (the source reads a checkpoint, not a prepared directory): computing "
+          f"it at start-up ({DEFAULT_DISTANCE} distance{', moving every expert once' if reads else ', from the router weights'})",
+          file=sys.stderr)
+    params, act = dict(model.named_parameters()), getattr(model.config, "hidden_act", "silu")
+    for layer, count in sorted(runtime.num_experts.items()):
+        weights = runtime.fetch_now(layer, list(range(count))) if reads else dict.fromkeys(range(count))
+        runtime.affinity[layer] = expert_affinity(weights, DEFAULT_DISTANCE, layer_context(params, layer, act))
+    runtime.affinity_origin = f"computed at start-up ({DEFAULT_DISTANCE} distance)"
+
+
+def _prepared_affinity(fetch, config):
+    """The affinity table named by ``config.affinity`` (an AffinityTable, a prepared directory or
+    an affinity.json), else the source's (a source over a prepared directory may carry one)."""
+    from specmoe.affinity import AffinityTable, load_affinity
+
+    if isinstance(config.affinity, AffinityTable):
+        return config.affinity
+    if config.affinity is not None:
+        return load_affinity(config.affinity)
+    table = getattr(fetch, "affinity", None)
+    return table if isinstance(table, AffinityTable) else None
 
 
 def attach_runtime(model, fetch: FetchFn, config, device: torch.device | str = "cpu", compute=None) -> ExpertRuntime:
@@ -593,8 +656,11 @@ def attach_runtime(model, fetch: FetchFn, config, device: torch.device | str = "
     if use_shadow:
         runtime.build_shadow([(layer, b.experts.num_experts) for layer, b in blocks], config.shadow_bits, config.shadow_group_size)
     if config.speculative and config.draft_policy == "hot":
-        for layer, block in blocks:  # computed here from the experts themselves: moves each once at start-up
-            runtime.affinity[layer] = expert_affinity(runtime.fetch_now(layer, list(range(block.experts.num_experts))))
+        _set_up_hot(runtime, model, fetch, config)
+    if config.mode_spec.oracle:
+        from specmoe.trace import OracleReplay, RoutingTrace
+
+        runtime.oracle = OracleReplay(RoutingTrace.load(config.trace), [layer for layer, _ in blocks])
     runtime.startup_bytes = runtime.counters.bytes_moved
     runtime.counters = FetchCounters()
     return runtime

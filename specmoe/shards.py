@@ -8,6 +8,9 @@ Layout of a prepared directory::
         model.safetensors          every non-expert parameter, under the engine's names
     experts/L003-E005.safetensors  layer 3, expert 5: "gate_up" [2I, H] and "down" [H, I]
                                    (plus "<name>.qdata"/"<name>.scales" with --quantize)
+    affinity.json                  the hot draft policy's table: per layer, each expert's others
+                                   nearest first (``specmoe.affinity``; the manifest names its
+                                   distance and CRC-32)
 
 The checkpoint is read one tensor at a time through safetensors' memory map, so a
 checkpoint larger than memory can be prepared. Every file is written to a temporary name
@@ -33,6 +36,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save, save_file
 
+from specmoe.affinity import AFFINITY_FILE, DEFAULT_DISTANCE, DISTANCES, build_table, gain_name, router_name
 from specmoe.loader import DTYPES, read_config
 from specmoe.models import model_class
 from specmoe.quant import QuantizedTensor, quantize
@@ -80,9 +84,12 @@ class PrepareConfig:
     dtype: str | None = None  # None: keep the checkpoint's dtype
     quantize: str | None = None  # None | "int8" | "int4"
     group_size: int = 32
+    affinity_distance: str = DEFAULT_DISTANCE  # how the affinity table orders experts (specmoe.affinity)
 
     def __post_init__(self):
         self.model_dir, self.out_dir = Path(self.model_dir), Path(self.out_dir)
+        if self.affinity_distance not in DISTANCES:
+            raise ValueError(f"unsupported --affinity-distance {self.affinity_distance!r}; allowed: {', '.join(DISTANCES)}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"unsupported --dtype {self.dtype!r}; allowed: {', '.join(DTYPES)}")
         if self.quantize not in (None, "int8", "int4"):
@@ -109,6 +116,7 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
     with contextlib.nullcontext() if manifest_path.exists() else _open_journal(cfg.out_dir, model_id) as journal:
         entries = _write_experts(cfg, experts, _progress(keys, progress, "experts"), done, journal, progress)
     dense = _write_dense(cfg, checkpoint, table)
+    affinity = _write_affinity(cfg, checkpoint, table, experts, counts, getattr(config, "hidden_act", "silu"))
     manifest = {
         "format": FORMAT,
         "model": model_id,
@@ -119,6 +127,7 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
         "group_size": cfg.group_size,
         "experts": {str(layer): n for layer, n in counts.items()},
         "dense": dense,
+        "affinity": affinity,
         "tensors": entries,
     }
     _write_if_changed(manifest_path, (json.dumps(manifest, indent=1) + "\n").encode())  # whole, and last
@@ -270,6 +279,28 @@ def _write_dense(cfg: PrepareConfig, checkpoint: Checkpoint, table) -> dict:
     return {"dir": "dense", "tensors": len(tensors), "nbytes": sum(t.nbytes for t in tensors.values()), "crc32": files}
 
 
+def _write_affinity(cfg: PrepareConfig, checkpoint: Checkpoint, table, experts: ExpertReader, counts: dict[int, int],
+                    act: str) -> dict:
+    """The affinity table beside the manifest; one already there with this distance and intact is kept
+    (computing it reads every expert again)."""
+    path = cfg.out_dir / AFFINITY_FILE
+    old = _read_json(cfg.out_dir / "manifest.json").get("affinity") if (cfg.out_dir / "manifest.json").exists() else None
+    if old and old["distance"] == cfg.affinity_distance and path.exists() and _file_crc32(path) == old["crc32"]:
+        return old
+    wanted = {name for layer in counts for name in (router_name(layer), gain_name(layer))}
+    names = {param: name for name in checkpoint.names() if (param := (match_name(name, table) or (name, None, "whole"))[0]) in wanted}
+    got = checkpoint.read(list(names.values()))
+    params = {param: got[name] for param, name in names.items()}
+
+    def read(layer: int, expert: int):
+        gate_up, down = experts.read(layer, expert)
+        return (gate_up.to(DTYPES[cfg.dtype]), down.to(DTYPES[cfg.dtype])) if cfg.dtype is not None else (gate_up, down)
+
+    data = (json.dumps(build_table(read, counts, params, act, cfg.affinity_distance).to_json(), indent=1) + "\n").encode()
+    _write_if_changed(path, data)
+    return {"file": AFFINITY_FILE, "distance": cfg.affinity_distance, "nbytes": len(data), "crc32": zlib.crc32(data)}
+
+
 def _write_if_changed(path: Path, data: bytes) -> bool:
     """Write ``data`` to ``path`` through a temporary file and a rename, unless it is there already."""
     if path.exists() and path.stat().st_size == len(data) and _same_bytes(path, memoryview(data)):
@@ -342,6 +373,9 @@ def verify_prepared(root: str | Path) -> list[str]:
         path = reader.root / "dense" / name
         if not path.exists() or _file_crc32(path) != crc:
             bad.append(f"dense/{name}")
+    affinity = reader.manifest.get("affinity")
+    if affinity and (not (reader.root / affinity["file"]).exists() or _file_crc32(reader.root / affinity["file"]) != affinity["crc32"]):
+        bad.append(affinity["file"])
     return bad
 
 
@@ -412,10 +446,13 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="dtype of stored copies (default: as in the checkpoint)")
     parser.add_argument("--quantize", choices=["int8", "int4"], default=None, help="also store group-wise quantized copies")
     parser.add_argument("--group-size", type=int, default=32)
+    parser.add_argument("--affinity-distance", choices=DISTANCES, default=DEFAULT_DISTANCE,
+                        help="how the hot draft policy's affinity table orders experts (default: %(default)s, measured "
+                             "best by draft acceptance; see specmoe.affinity)")
 
 
 def run_prepare(args: argparse.Namespace) -> int:
-    cfg = PrepareConfig(args.model_dir, args.out_dir, args.dtype, args.quantize, args.group_size)
+    cfg = PrepareConfig(args.model_dir, args.out_dir, args.dtype, args.quantize, args.group_size, args.affinity_distance)
     manifest = prepare(cfg)
     total = sum(e["nbytes"] for e in manifest["tensors"])
     print(f"[specmoe] {len(manifest['tensors'])} expert tensors ({total / 2**20:.1f} MiB) and the dense part "

@@ -12,7 +12,8 @@ import torch
 from specmoe.config import DecoderConfig, EngineConfig
 from specmoe.engine import Engine
 from specmoe.expert_cache import ExpertCache
-from specmoe.offload import ExpertRuntime, completed, expert_affinity
+from specmoe.affinity import expert_affinity
+from specmoe.offload import ExpertRuntime, completed
 from specmoe.sampling import SamplingParams
 
 PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]]
@@ -25,10 +26,10 @@ def expert(value: float, size: int = 4):
 
 def test_affinity_orders_experts_by_weight_distance():
     weights = {0: expert(0.0), 1: expert(1.0), 2: expert(0.25), 3: expert(3.0)}
-    assert expert_affinity(weights) == {0: [2, 1, 3], 1: [2, 0, 3], 2: [0, 1, 3], 3: [1, 2, 0]}
+    assert expert_affinity(weights, "l2") == {0: [2, 1, 3], 1: [2, 0, 3], 2: [0, 1, 3], 3: [1, 2, 0]}
     down = dict(weights)  # only the down projection differs: it counts too
     down[1] = (weights[0][0], torch.full((4, 4), 5.0))
-    assert expert_affinity(down)[0][0] == 2 and expert_affinity(down)[1][-1] == 0
+    assert expert_affinity(down, "l2")[0][0] == 2 and expert_affinity(down, "l2")[1][-1] == 0
 
 
 def runtime_with(resident: list[int], num_experts: int = 4) -> ExpertRuntime:

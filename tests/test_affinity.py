@@ -1,0 +1,121 @@
+"""The hot draft policy's affinity table at prepare time, and the hot-set and substitution ablations.
+
+``specmoe prepare`` writes the table beside the manifest (deterministic, a few KB); a decoder
+given it moves no expert to build it; the ablations (hot_set global | random, substitution
+random) are exact like every draft, and the affinity table drafts better than a random
+substitute on the shipped model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from specmoe.affinity import DEFAULT_DISTANCE, AffinityTable, build_table, load_affinity
+from specmoe.config import DecoderConfig, EngineConfig
+from specmoe.engine import Engine
+from specmoe.profile import RoutingProfile, record_profile
+from specmoe.sampling import SamplingParams
+from specmoe.shards import PrepareConfig, prepare, verify_prepared
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.affinity import AffinityBench, tables, teacher_forced  # noqa: E402
+
+PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]]
+PARAMS = SamplingParams(max_new_tokens=12, ignore_eos=True)
+
+
+def test_prepare_writes_a_deterministic_table_beside_the_manifest(shards, shipped_model, tmp_path):
+    manifest = json.loads((shards / "manifest.json").read_text())
+    entry = manifest["affinity"]
+    assert entry["file"] == "affinity.json" and entry["distance"] == DEFAULT_DISTANCE
+    table = load_affinity(shards)
+    assert table.distance == DEFAULT_DISTANCE and sorted(table.layers) == [0, 1, 2, 3]
+    assert all(sorted(order[e] + [e]) == list(range(8)) for order in table.layers.values() for e in order)
+    assert entry["nbytes"] < 200_000
+    again = tmp_path / "again"
+    prepare(PrepareConfig(shipped_model, again), progress=False)
+    assert (again / "affinity.json").read_bytes() == (shards / "affinity.json").read_bytes()
+    (again / "affinity.json").write_text((again / "affinity.json").read_text().replace('"order": "A', '"order": "B', 1))
+    assert verify_prepared(again) == ["affinity.json"]
+
+
+def test_a_128_expert_table_stays_small():
+    order = {e: [o for o in range(128) if o != e] for e in range(128)}
+    data = json.dumps(AffinityTable("router", {layer: order for layer in range(4)}).to_json())
+    assert len(data) < 100_000  # 16 KB of order per layer, base64
+    assert AffinityTable.from_json(json.loads(data)).layers[3] == order
+
+
+def hot_engine(path, fetch=None, cache_budget=0.5, **decoder):
+    config = DecoderConfig(mode="specmoe", draft_policy="hot", hot_experts=2, k=2, cache_budget=cache_budget, **decoder)
+    return Engine(EngineConfig(model=path, max_batch_size=len(PROMPTS), decoder=config), fetch=fetch)
+
+
+def test_a_prepared_table_is_loaded_and_moves_no_expert(shards, shipped_model, capsys):
+    engine = hot_engine(shipped_model, affinity=shards)
+    assert engine.runtime.startup_bytes == 0
+    assert engine.runtime.affinity == load_affinity(shards).layers
+    assert engine.runtime.affinity_origin == f"prepared ({DEFAULT_DISTANCE} distance)"
+    computed = hot_engine(shipped_model)  # the in-process checkpoint source: no prepared directory
+    assert "no prepared affinity table" in capsys.readouterr().err
+    assert computed.runtime.affinity == engine.runtime.affinity
+
+
+@pytest.fixture(scope="module")
+def setup(checkpoints, tmp_path_factory):
+    path = checkpoints[("mixtral", "per_expert")]
+    refs = [o.token_ids for o in Engine(EngineConfig(model=path, max_batch_size=len(PROMPTS))).generate(PROMPTS, PARAMS)]
+    profile = tmp_path_factory.mktemp("profile") / "profile.json"
+    record_profile(Engine(EngineConfig(model=path, max_batch_size=len(PROMPTS))), PROMPTS, max_new_tokens=4).save(profile)
+    return path, refs, profile
+
+
+@pytest.mark.parametrize("hot_set,substitution", [("global", "affinity"), ("random", "affinity"), ("temporal", "random")])
+def test_the_ablations_are_exact(setup, hot_set, substitution):
+    path, refs, profile = setup
+    engine = hot_engine(path, hot_set=hot_set, substitution=substitution, profile=profile)
+    assert [o.token_ids for o in engine.generate(PROMPTS, PARAMS)] == refs
+    assert engine.counters.drafted_tokens > 0
+
+
+def test_a_fixed_hot_set_is_pinned_and_never_changes(setup):
+    path, _, profile = setup
+    ranked = RoutingProfile.load(profile).ranked()
+    engine = hot_engine(path, hot_set="global", profile=profile, pinned_fraction=0.0, cache_budget=1.0)
+    runtime = engine.runtime
+    expected = {layer: set([e for l, e in ranked if l == layer][:2]) for layer in runtime.num_experts}
+    assert runtime.fixed_hot == expected
+    assert set(runtime.cache.pinned) == {(layer, e) for layer, hot in expected.items() for e in hot}
+    engine.generate(PROMPTS, PARAMS)
+    others = {layer: runtime.cache.resident(layer) - hot for layer, hot in expected.items()}
+    assert any(others.values())  # experts outside the fixed set are here too...
+    runtime.recent_use.extend([others] * 4)  # ...and were used most recently
+    runtime.hot = {}
+    assert all(runtime.hot_set(layer) == expected[layer] for layer in expected)
+    seeded = [hot_engine(path, hot_set="random").runtime.fixed_hot for _ in range(2)]
+    assert seeded[0] == seeded[1] and all(len(hot) == 2 for hot in seeded[0].values())
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("hot_set", "hottest", "unknown hot_set 'hottest'; allowed: temporal, global, random"),
+    ("substitution", "nearest", "unknown substitution 'nearest'; allowed: affinity, random"),
+])
+def test_unknown_ablation_options_are_refused(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        DecoderConfig(**{field: value})
+    with pytest.raises(ValueError, match="hot_set 'global' pins the routing profile's hottest experts per layer: give a profile"):
+        DecoderConfig(hot_set="global")
+
+
+def test_the_affinity_table_drafts_better_than_a_random_substitute_on_the_shipped_model(shipped_model):
+    """Teacher-forced over validation text, the hot policy's 4 pinned experts per layer (the
+    hottest by the full model's use): the share of positions where the draft's token is the
+    model's. The default table beats a seeded random pinned substitute; a shuffled table does not."""
+    built = tables(shipped_model)
+    agreement = teacher_forced(AffinityBench(model=shipped_model, hot_experts=4, windows=32), built)
+    assert agreement[DEFAULT_DISTANCE] > agreement["random substitution"]
+    assert agreement["shuffled"] < agreement["random substitution"]
