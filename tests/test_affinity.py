@@ -65,6 +65,15 @@ def test_a_prepared_table_is_loaded_and_moves_no_expert(shards, shipped_model, c
     assert computed.runtime.affinity == engine.runtime.affinity
 
 
+def test_a_deployment_hands_its_decoders_the_prepared_table(shards, shipped_model):
+    from cluster.deployment import _with_affinity
+
+    hot = EngineConfig(model=shipped_model, decoder=DecoderConfig(mode="specmoe", draft_policy="hot"))
+    assert _with_affinity(hot, shards).decoder.affinity == load_affinity(shards)  # the table itself: no path to reach
+    shadow = EngineConfig(model=shipped_model, decoder=DecoderConfig(mode="specmoe", draft_policy="shadow"))
+    assert _with_affinity(shadow, shards) is shadow
+
+
 @pytest.fixture(scope="module")
 def setup(checkpoints, tmp_path_factory):
     path = checkpoints[("mixtral", "per_expert")]

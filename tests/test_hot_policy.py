@@ -1,6 +1,6 @@
 """The hot draft policy (the paper's): N pinned experts per layer, a pick outside them drafts
-with its nearest pinned expert (L2 distance of the flattened [gate_up; down] weights), keeping
-the router's weight. Verification never uses a substitute: the output stays exact."""
+with its nearest pinned expert (by the affinity table, ``specmoe.affinity``), keeping the
+router's weight. Verification never uses a substitute: the output stays exact."""
 
 from __future__ import annotations
 
