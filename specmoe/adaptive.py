@@ -20,7 +20,7 @@ highest E(k) / T(k); k = 0 is plain decoding and wins when drafting does not pay
 Every quantity is measured (exponential moving averages):
 
 * acceptance, from the accepted draft tokens of recent rounds (a geometric rate, the prior
-  counting as two draft tokens);
+  counting as one draft token);
 * t_draft per draft step, C(k) per k (linearly interpolated between measured k; a prior slope
   before two are known), the miss share m;
 * f(n) = M (1 - (1 - q)^n): M is the number of experts the cache cannot hold, q the chance
@@ -103,7 +103,8 @@ class SpeculationController:
     explore_every: int = 16
     overlap: bool = True  # eager migration: transfers of predicted experts overlap drafting
     acceptance: float = 0.8  # the estimate; its starting value is the prior
-    prior_weight: float = 2.0  # the prior counts as this many draft tokens
+    prior_weight: float = 1.0  # the prior counts as this many draft tokens
+    memory: float = 0.9  # acceptance counts kept a round (about ten rounds remembered)
     draft_step_s: float | None = None
     compute_s: dict[int, float] = field(default_factory=dict)  # C(k): verification less its stalls
     compute_slope_prior: float = 0.25  # C(k) = C(0) (1 + slope k) until a second k is measured
@@ -115,7 +116,7 @@ class SpeculationController:
     rounds: int = 0
     decisions: int = 0
     pending: RoundTraffic | None = None  # what ``observe`` saw for the round ``update`` closes
-    trials: tuple[float, float] = (0.0, 0.0)  # (accepted, trials), decayed by 1 - smoothing a round
+    trials: tuple[float, float] = (0.0, 0.0)  # (accepted, trials), decayed by ``memory`` a round
     prior: float | None = None  # the starting acceptance
 
     def __post_init__(self):
@@ -216,13 +217,13 @@ class SpeculationController:
 
         Acceptance is estimated as a geometric rate: each sequence contributes its accepted
         tokens as successes and, if it stopped short of its draft, one failure; counts decay
-        by 1 - smoothing a round, and the prior counts as ``prior_weight`` trials. A round in
+        by ``memory`` a round, and the prior counts as ``prior_weight`` trials. A round in
         which a sequence prefilled teaches acceptance only.
         """
         self.rounds += 1
         trials = sum(a + (a < d) for d, a in zip(drafted, accepted))
         if trials:
-            keep = 1 - self.smoothing
+            keep = self.memory
             successes, total = keep * self.trials[0] + sum(accepted), keep * self.trials[1] + trials
             self.trials = (successes, total)
             self.acceptance = (successes + self.prior_weight * self.prior) / (total + self.prior_weight)

@@ -37,11 +37,11 @@ def test_expected_tokens_per_round():
 
 
 def test_acceptance_by_hand():
-    ctl = SpeculationController(smoothing=0.2)  # prior 0.8, counted as 2 draft tokens
+    ctl = SpeculationController()  # prior 0.8, counted as one draft token; counts kept 0.9 a round
     ctl.update(4, [4, 4], [4, 1], 0.1, 0.1)  # 5 accepted of 6 trials (4 + one stop after 1)
-    assert ctl.acceptance == pytest.approx((5 + 1.6) / (6 + 2))
-    ctl.update(3, [3], [0], 0.1, 0.1)  # decayed counts 4 of 4.8, plus 0 of 1
-    assert ctl.acceptance == pytest.approx((4 + 1.6) / (5.8 + 2))
+    assert ctl.acceptance == pytest.approx((5 + 0.8) / (6 + 1))
+    ctl.update(3, [3], [0], 0.1, 0.1)  # decayed counts 4.5 of 5.4, plus 0 of 1
+    assert ctl.acceptance == pytest.approx((4.5 + 0.8) / (6.4 + 1))
 
 
 def test_round_time_by_hand():
