@@ -7,10 +7,14 @@ import re
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from specmoe.expert_cache import POLICIES
 from specmoe.loader import parse_dtype
 from specmoe.quant import check_group_size
+
+if TYPE_CHECKING:
+    from specmoe.affinity import AffinityTable
 
 SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "models" / "shakespeare-tiny-moe"
 DRAFT_POLICIES = ("resident", "shadow", "hot")
@@ -89,9 +93,9 @@ class DecoderConfig:
                      (hot_experts seeded random experts per layer, fixed)
     substitution:    what a hot draft pick outside the pinned set runs: affinity (its nearest
                      pinned expert by the affinity table) | random (a seeded random pinned expert)
-    affinity:        the hot policy's affinity table: a prepared directory or its affinity.json
-                     (None: the source's prepared directory if it has one, else computed at
-                     start-up from the experts, moving each once)
+    affinity:        the hot policy's affinity table: a prepared directory, its affinity.json, or
+                     the table itself (a deployment passes it so); None: the source's if it
+                     carries one, else computed at start-up, saying so
     trace:           the overlap mode's routing trace (``specmoe.trace.RoutingTrace``, JSON)
     k:               draft tokens per round, an integer in [0, k_max] or "auto" (adaptive)
     cache_budget:    expert cache size, the unit in the syntax: a fraction of all expert bytes
@@ -119,7 +123,7 @@ class DecoderConfig:
     hot_experts: int = 4
     hot_set: str = "temporal"
     substitution: str = "affinity"
-    affinity: str | Path | None = None
+    affinity: str | Path | AffinityTable | None = None
     trace: str | Path | None = None
 
     def __post_init__(self):
