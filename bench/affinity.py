@@ -28,7 +28,7 @@ import random
 from collections import Counter
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -61,6 +61,7 @@ class AffinityBench:
     batch: int = 4
     windows: int = 24  # teacher-forced: windows of the validation text
     window_len: int = 96
+    sweep: str = "2,4,6"  # teacher-forced again at these pinned-expert counts
 
 
 def validation_prompts(engine: Engine, count: int, length: int) -> list[list[int]]:
@@ -69,14 +70,14 @@ def validation_prompts(engine: Engine, count: int, length: int) -> list[list[int
     return [engine.encode(w)[:length] for w in windows]
 
 
-def tables(model_dir: Path) -> dict[str, AffinityTable]:
+def tables(model_dir: Path, distances: tuple[str, ...] = DISTANCES) -> dict[str, AffinityTable]:
     """One table per distance, and the default one shuffled (seeded) as a control."""
     config = read_config(model_dir)
     reader = ExpertReader(Checkpoint(model_dir), model_class(config.model_type).checkpoint_names)
     model = load_model(model_dir, "fp32", "cpu", experts=False)
     params = dict(model.named_parameters())
     counts = {layer: b.experts.num_experts for layer, b in model.moe_blocks()}
-    out = {d: build_table(reader.read, counts, params, config.hidden_act, d) for d in DISTANCES}
+    out = {d: build_table(reader.read, counts, params, config.hidden_act, d) for d in {DEFAULT_DISTANCE, *distances}}
     rng = random.Random(0)
     shuffled = AffinityTable("shuffled", {layer: {e: rng.sample(o, len(o)) for e, o in order.items()}
                                           for layer, order in out[DEFAULT_DISTANCE].layers.items()})
@@ -178,8 +179,11 @@ def main(argv: list[str] | None = None) -> int:
     tokens, rows["random substitution"] = run(cfg, DecoderConfig(**base, substitution="random"), prompts)
     rows["random substitution"]["exact"] = tokens == refs
     print(f"random substitution: acceptance {rows['random substitution']['acceptance']:.3f}", file=sys.stderr)
+    sweep = [int(n) for n in cfg.sweep.split(",") if n]
+    by_pinned = {n: agreement if n == cfg.hot_experts else teacher_forced(replace(cfg, hot_experts=n), built) for n in sweep}
     for name, value in agreement.items():
         rows[name]["teacher_forced_agreement"] = value
+        rows[name]["teacher_forced_by_pinned"] = {n: by_pinned[n][name] for n in sweep}
     report = {"command": command_line(), "machine": machine_info(), "load_average": load_average(),
               "config": {k: (repo_relative(v) if isinstance(v, Path) else v) for k, v in vars(cfg).items()}, "rows": rows}
     name = Path(cfg.model).name
@@ -194,6 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     for label, r in rows.items():
         md.append(f"| {label} | {r['teacher_forced_agreement']:.3f} | {r['acceptance']:.3f} | "
                   f"{r['accepted_per_verification']:.2f} | {r['drafted']} | {r['exact']} |")
+    md += ["", "Teacher-forced agreement by pinned experts per layer (hot-global set):", "",
+           "| table | " + " | ".join(f"{n} pinned" for n in sweep) + " | mean |", "| --- |" + " --- |" * (len(sweep) + 1)]
+    for label, r in rows.items():
+        values = [r["teacher_forced_by_pinned"][n] for n in sweep]
+        md.append(f"| {label} | " + " | ".join(f"{v:.3f}" for v in values) + f" | {sum(values) / len(values):.3f} |")
     write_results(args.out / f"affinity-{name}", report, "\n".join(md) + "\n")
     return 0 if all(r["exact"] for r in rows.values()) else 1
 

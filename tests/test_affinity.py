@@ -123,8 +123,22 @@ def test_unknown_ablation_options_are_refused(field, value, message):
 def test_the_affinity_table_drafts_better_than_a_random_substitute_on_the_shipped_model(shipped_model):
     """Teacher-forced over validation text, the hot policy's 4 pinned experts per layer (the
     hottest by the full model's use): the share of positions where the draft's token is the
-    model's. The default table beats a seeded random pinned substitute; a shuffled table does not."""
-    built = tables(shipped_model)
+    model's. The default table beats a seeded random pinned substitute; a shuffled table does
+    not. The margins are small on this model (0.409 against 0.400 and 0.394)."""
+    built = tables(shipped_model, (DEFAULT_DISTANCE,))
     agreement = teacher_forced(AffinityBench(model=shipped_model, hot_experts=4, windows=32), built)
     assert agreement[DEFAULT_DISTANCE] > agreement["random substitution"]
+    assert agreement["shuffled"] < agreement["random substitution"]
+
+
+BENCHMARK_MODEL = Path(__file__).resolve().parents[2] / "shared" / "models" / "shakespeare-moe-8x8"
+
+
+@pytest.mark.skipif(not (BENCHMARK_MODEL / "config.json").exists(), reason="the benchmark model is not on this machine")
+def test_on_the_benchmark_model_the_table_drafts_far_better_than_a_random_substitute():
+    """As above on shakespeare-moe-8x8 with 6 of 8 experts pinned, where the substitute matters
+    most: 0.81 against 0.64 (random) and 0.58 (shuffled table)."""
+    built = tables(BENCHMARK_MODEL, (DEFAULT_DISTANCE,))
+    agreement = teacher_forced(AffinityBench(model=BENCHMARK_MODEL, hot_experts=6, windows=32), built)
+    assert agreement[DEFAULT_DISTANCE] > agreement["random substitution"] + 0.1
     assert agreement["shuffled"] < agreement["random substitution"]
