@@ -315,7 +315,8 @@ def run_experts(
         starts.append(starts[-1] + count)  # expert e's rows: starts[e] .. starts[e + 1]
     given = weights_of({e: c for e, c in enumerate(counts) if c})
     x = hidden_states[rows]  # [N*K, H], expert-sorted
-    y = torch.zeros_like(x)  # a skipped expert's rows stay zero
+    complete = isinstance(given, dict) and None not in given.values()  # every row will be written
+    y = torch.empty_like(x) if complete else torch.zeros_like(x)  # a skipped expert's rows stay zero
     remote = []
     for expert, w in given.items() if isinstance(given, dict) else given:
         lo, hi = starts[expert], starts[expert + 1]
