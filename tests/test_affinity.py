@@ -142,3 +142,14 @@ def test_on_the_benchmark_model_the_table_drafts_far_better_than_a_random_substi
     agreement = teacher_forced(AffinityBench(model=BENCHMARK_MODEL, hot_experts=6, windows=32), built)
     assert agreement[DEFAULT_DISTANCE] > agreement["random substitution"] + 0.1
     assert agreement["shuffled"] < agreement["random substitution"]
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--hot-set", "random"], "--hot-set configure the hot draft policy and need --draft-policy hot"),
+    (["--mode", "specmoe", "--substitution", "random"], "--substitution configure the hot draft policy"),
+])
+def test_the_cli_refuses_ablation_flags_it_would_ignore(flags, needle, capsys):
+    from deploy.cli import main as cli
+
+    assert cli(["generate", "--prompt", "ROMEO:", "--max-new-tokens", "2", *flags]) == 2
+    assert needle in capsys.readouterr().err

@@ -64,3 +64,10 @@ def test_overlap_is_labelled_an_oracle_and_needs_a_trace():
     assert "oracle" in MODES["overlap"].help and "upper bound" in MODES["overlap"].help
     with pytest.raises(ValueError, match="mode 'overlap' replays a recorded routing trace: give trace"):
         DecoderConfig(mode="overlap")
+
+
+def test_the_cli_replays_a_trace_only_in_the_overlap_mode(capsys, tmp_path):
+    from deploy.cli import main as cli
+
+    assert cli(["generate", "--prompt", "ROMEO:", "--max-new-tokens", "2", "--mode", "ondemand", "--trace", str(tmp_path)]) == 2
+    assert "--trace is replayed by --mode overlap only, got --mode ondemand" in capsys.readouterr().err
