@@ -30,9 +30,11 @@ Every quantity is measured (exponential moving averages):
   and bytes; ``LinkEstimate``), starting from an emulated link's configured figures where the
   source is one.
 
-Every ``explore_every`` rounds it tries another k (k = 1 when plain decoding is best, else a
-neighbour of its choice) so its estimates stay fresh; one such round in ``explore_every`` is
-what a losing k can cost. The choice never changes which tokens come out, only how fast.
+Now and then it tries another k (k = 1 when plain decoding is best, else a neighbour of its
+choice) so its estimates stay fresh: within ``explore_every`` rounds of a change of choice,
+then twice as long apart each time the choice holds, up to 8 x ``explore_every``; one round in
+``explore_every`` at most is what a losing k can cost. The choice never changes which tokens
+come out, only how fast.
 """
 
 from __future__ import annotations
@@ -114,7 +116,10 @@ class SpeculationController:
     miss_share: float = 0.2  # m: prior, replaced by measurements
     sequences: int = 1  # B, as in the last round
     rounds: int = 0
-    decisions: int = 0
+    best: int | None = None  # the last choice the model made
+    since: int = 0  # decisions since the last exploration
+    interval: int | None = None  # decisions between explorations now
+    explorations: int = 0
     pending: RoundTraffic | None = None  # what ``observe`` saw for the round ``update`` closes
     trials: tuple[float, float] = (0.0, 0.0)  # (accepted, trials), decayed by ``memory`` a round
     prior: float | None = None  # the starting acceptance
@@ -137,13 +142,17 @@ class SpeculationController:
             return self.fixed_k
         if 0 not in self.compute_s:
             return 0  # plain decoding first: it measures C(0) and the transfers at no risk
-        self.decisions += 1
         best = max(range(self.k_max + 1), key=self.rate)
-        if self.decisions % self.explore_every:
+        if best != self.best or self.interval is None:  # a new choice: explore around it soon
+            self.best, self.interval = best, self.explore_every
+        self.since += 1
+        if self.since < self.interval:
             return best
+        self.since, self.explorations = 0, self.explorations + 1
+        self.interval = min(2 * self.interval, 8 * self.explore_every)  # the choice held: explore less
         if best == 0:
             return min(1, self.k_max)
-        up = (self.decisions // self.explore_every) % 2 == 0
+        up = self.explorations % 2 == 1
         return min(self.k_max, best + 1) if up and best < self.k_max else best - 1
 
     def rate(self, k: int) -> float:

@@ -119,7 +119,9 @@ def test_large_k_when_transfers_dominate():
 def test_exploration_is_bounded_and_plain_decoding_tries_k_1():
     ctl = hand_controller(explore_every=4)
     ctl.link.seconds_per_byte = 0.0
-    assert [ctl.choose() for _ in range(8)] == [0, 0, 0, 1, 0, 0, 0, 1]
+    assert [ctl.choose() for _ in range(12)] == [0, 0, 0, 1] + [0] * 7 + [1]  # after 4, then 8 rounds
+    ctl.link.seconds_per_byte, ctl.acceptance = 64e-6, 0.95  # the choice changes: explore 4 rounds on
+    assert [ctl.choose() for _ in range(5)] == [8, 8, 8, 7, 8]
 
 
 def test_fixed_k_is_respected_and_validated():
