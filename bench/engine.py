@@ -24,7 +24,13 @@ per-repeat ratios. Prompts are token ids drawn with a fixed seed from the vocabu
 every batch size. Every run's greedy tokens are compared with transformers'; in fp32 at
 batch 1 they must be equal, and the report says so loudly when they are not.
 
-Writes ``<out>/engine-<model>.json`` (every raw timing, the machine, the command) and ``.md``.
+``--threads`` sets torch's thread count for both sides (default: torch's own, one per core).
+On a 2-core machine that other processes share, two threads that meet at every parallel op
+stall whenever one of them is descheduled, and both sides slow down by large, random factors
+(10x and more at a load average of 3); one thread measures the same work without that.
+
+Writes ``<out>/engine-<model>.json`` (every raw timing, the machine, the command) and ``.md``
+(``engine-<model>-threads-<n>`` with ``--threads``).
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ class BenchConfig:
     new_tokens: int = 64
     repeats: int = 3
     seed: int = 0
+    threads: int | None = None  # torch threads for both sides; None: torch's default
     out: str = str(REPO / "bench" / "results")
 
     def __post_init__(self):
@@ -68,6 +75,8 @@ class BenchConfig:
             raise ValueError(f"new_tokens must be >= 2 (one prefill token, then decode), got {self.new_tokens}")
         if self.repeats < 1:
             raise ValueError(f"repeats must be >= 1, got {self.repeats}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
 
     def as_report(self) -> dict:
         return {**asdict(self), "model": repo_relative(self.model), "out": repo_relative(self.out)}
@@ -223,6 +232,8 @@ def run(cfg: BenchConfig) -> dict:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     prompts = make_prompts(cfg)
     rows, settings = [], {}
     for dtype in cfg.dtypes:
@@ -286,6 +297,7 @@ def parse_args(argv=None) -> BenchConfig:
     parser.add_argument("--new-tokens", type=int, default=defaults.new_tokens)
     parser.add_argument("--repeats", type=int, default=defaults.repeats)
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the prompts' token ids")
+    parser.add_argument("--threads", type=int, default=defaults.threads, help="torch threads (default: one per core)")
     parser.add_argument("--out", default=defaults.out, help="folder for engine-<model>.json and .md")
     return BenchConfig(**vars(parser.parse_args(argv)))
 
@@ -294,7 +306,8 @@ def main(argv=None) -> int:
     cfg = parse_args(argv)
     report = run(cfg)
     text = markdown(report)
-    write_results(Path(cfg.out) / f"engine-{Path(cfg.model).resolve().name}", report, text)
+    threads = "" if cfg.threads is None else f"-threads-{cfg.threads}"
+    write_results(Path(cfg.out) / f"engine-{Path(cfg.model).resolve().name}{threads}", report, text)
     print(text)
     return 0
 
