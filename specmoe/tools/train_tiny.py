@@ -309,7 +309,7 @@ toy: it writes Shakespeare-shaped text, not sense.
 - {result.steps} AdamW steps of {cfg.batch_size} x {cfg.seq_len} tokens (random windows), lr {cfg.lr:g}
   ({cfg.warmup} warmup steps, cosine decay to {cfg.lr * cfg.min_lr_ratio:g}), weight decay {cfg.weight_decay:g}, gradient clip
   {cfg.grad_clip:g}, router load-balancing loss coefficient {cfg.aux_loss:g}; seed {cfg.seed}.
-- Wall time: {minutes:.1f} min on {cfg.threads} CPU threads (tokenizer, training and evaluation).
+- Wall time: {minutes:.1f} min on {cfg.threads} CPU thread(s) (tokenizer, training and evaluation).
 - Final train loss: {result.loss:.3f} (cross-entropy, mean of the last 50 steps; router
   load-balancing loss {result.aux_loss:.3f} on top, {cfg.top_k:g} when perfectly balanced).
 - Validation loss: {val_loss:.3f} (mean cross-entropy per token, fp32, over up to
