@@ -219,6 +219,11 @@ class EmulatedLink:
         return self.fetch(layer, experts)
 
     @property
+    def affinity(self):
+        """The hot draft policy's affinity table of the source behind (None when it carries none)."""
+        return getattr(self.source, "affinity", None)
+
+    @property
     def compute(self):
         """The source's remote compute, its activations (there and back) carried by the link.
         AttributeError when the source behind cannot compute."""

@@ -565,7 +565,7 @@ def _set_up_hot(runtime: ExpertRuntime, model, fetch, config) -> None:
     from specmoe.affinity import DEFAULT_DISTANCE, READS_NO_EXPERT, expert_affinity, layer_context
 
     reads = DEFAULT_DISTANCE not in READS_NO_EXPERT
-    print("[specmoe] no prepared affinity table (the source reads a checkpoint, not a prepared directory): computing "
+    print("[specmoe] no prepared affinity table (none configured, and the source carries none): computing "
           f"it at start-up ({DEFAULT_DISTANCE} distance{', moving every expert once' if reads else ', from the router weights'})",
           file=sys.stderr)
     params, act = dict(model.named_parameters()), getattr(model.config, "hidden_act", "silu")

@@ -227,6 +227,15 @@ def test_the_link_keeps_the_source_interface(shards):
         local.fetch(0, [0])
 
 
+def test_the_link_passes_on_the_affinity_table_of_the_source_behind_it(shards):
+    local = LocalSource(shards)
+    link = EmulatedLink(local, LinkConfig(gbps=1.0))
+    assert link.affinity is None  # LocalSource carries none
+    local.affinity = table = object()  # a deployment's source carries the prepared table
+    assert link.affinity is table  # so a hot-policy decoder behind the link loads it instead of computing one
+    link.close()
+
+
 class Gate:
     """Holds every read of a source until released (or 10 s pass)."""
 
