@@ -49,6 +49,8 @@ MODES: dict[str, dict] = {  # name -> DecoderConfig fields (the grid adds the bu
     "remote": dict(mode="remote", eviction=LRU),  # grpc only: the store computes
     **{f"specmoe-{policy}-{name}": specmoe(policy, k)
        for policy in ("shadow", "resident", "hot") for name, k in (("k4", 4), ("k8", 8), ("auto", "auto"))},
+    # int8 shadows: twice the int4 copies' memory, a draft closer to the model (more accepted per round)
+    **{f"specmoe-shadow8-{name}": {**specmoe("shadow", k), "shadow_bits": 8} for name, k in (("k8", 8), ("auto", "auto"))},
 }
 BASELINES = ("ondemand", "pregate", "history", "caching", "remote")
 
