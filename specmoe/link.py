@@ -220,8 +220,12 @@ class EmulatedLink:
 
     @property
     def affinity(self):
-        """The hot draft policy's affinity table of the source behind (None when it carries none)."""
+        """The hot draft policy's affinity table: the source's (None when it carries none)."""
         return getattr(self.source, "affinity", None)
+
+    @affinity.setter
+    def affinity(self, table) -> None:
+        self.source.affinity = table  # a deployment hands its prepared table to the source behind
 
     @property
     def compute(self):
