@@ -233,6 +233,8 @@ def test_the_link_passes_on_the_affinity_table_of_the_source_behind_it(shards):
     assert link.affinity is None  # LocalSource carries none
     local.affinity = table = object()  # a deployment's source carries the prepared table
     assert link.affinity is table  # so a hot-policy decoder behind the link loads it instead of computing one
+    link.affinity = other = object()  # what Deployment.source() does with the prepared table
+    assert local.affinity is other and link.affinity is other
     link.close()
 
 
