@@ -35,6 +35,9 @@ def add_decoder_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how specmoe drafts without moving bytes: resident experts only, a low-bit shadow of "
                              "every expert, or hot (the paper's: a few pinned experts per layer, a pick outside them "
                              "replaced by its nearest pinned expert)")
+    parser.add_argument("--shadow-bits", type=int, choices=(4, 8), default=default.shadow_bits,
+                        help="bits of the shadow draft policy's copies: 4 (the least memory) or 8 (twice that, "
+                             "drafts closer to the model: more tokens accepted per round)")
     parser.add_argument("--hot-experts", type=int, default=default.hot_experts,
                         help="pinned experts per layer of the hot draft policy")
     parser.add_argument("--hot-set", choices=HOT_SETS, default=default.hot_set,
@@ -91,6 +94,9 @@ def check_decoder_arguments(args: argparse.Namespace) -> None:
     if hot_flags and not (MODES[args.mode].speculative and args.draft_policy == "hot"):
         raise ValueError(f"{', '.join(hot_flags)} configure the hot draft policy and need --draft-policy hot with a "
                          f"speculative mode, got --draft-policy {args.draft_policy} --mode {args.mode}")
+    if args.shadow_bits != default.shadow_bits and not (MODES[args.mode].speculative and args.draft_policy == "shadow"):
+        raise ValueError(f"--shadow-bits sizes the shadow draft policy's copies and needs --draft-policy shadow with a "
+                         f"speculative mode, got --draft-policy {args.draft_policy} --mode {args.mode}")
     if args.trace is not None and not MODES[args.mode].oracle:
         raise ValueError(f"--trace is replayed by --mode overlap only, got --mode {args.mode}")
     grpc_flags = [f for f, v in [("--grpc-token", args.grpc_token), ("--grpc-tls-cert", args.grpc_tls_cert),
@@ -142,6 +148,7 @@ def decoder_config(args: argparse.Namespace):
         profile=args.profile,
         remote_compute=args.remote_compute,
         migration=args.migration,
+        shadow_bits=args.shadow_bits,
         hot_experts=args.hot_experts,
         hot_set=args.hot_set,
         substitution=args.substitution,

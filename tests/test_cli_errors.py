@@ -98,6 +98,8 @@ def test_the_benchmark_takes_the_same_budget_syntax(capsys):
     (["--remote-compute", "--mode", "ondemand"], ["--remote-compute", "--experts local"]),
     (["--remote-compute", "--mode", "resident"], ["--remote-compute", "--mode resident"]),
     (["--grpc-token", "t", "--mode", "ondemand", "--experts", "ray"], ["--grpc-token", "--experts grpc"]),
+    (["--shadow-bits", "8", "--mode", "ondemand"], ["--shadow-bits", "--draft-policy shadow"]),
+    (["--shadow-bits", "8", "--mode", "specmoe", "--draft-policy", "hot"], ["--shadow-bits", "--draft-policy shadow"]),
     (["--grpc-tls-cert", "c.pem", "--grpc-tls-key", "k.pem", "--mode", "ondemand"], ["--grpc-tls-cert", "--experts grpc"]),
     (["--grpc-tls-cert", "c.pem", "--mode", "ondemand", "--experts", "grpc"], ["--grpc-tls-cert and --grpc-tls-key"]),
 ])
@@ -154,3 +156,11 @@ def test_grpc_token_and_tls_flags_reach_the_deployment_spec(monkeypatch, capsys)
     t = seen["transport"]
     assert (t.kind, t.token, t.tls_cert, t.tls_key) == ("grpc", "s3cret", "cert.pem", "key.pem")
     assert "s3cret" not in repr(t)  # the token stays out of logs
+
+
+def test_shadow_bits_reach_the_decoder_config():
+    from deploy.cli import build_parser, decoder_config
+
+    args = build_parser().parse_args([*GENERATE, "--mode", "specmoe", "--shadow-bits", "8"])
+    assert decoder_config(args).shadow_bits == 8
+    assert decoder_config(build_parser().parse_args([*GENERATE, "--mode", "specmoe"])).shadow_bits == 4
