@@ -62,6 +62,9 @@ ABLATIONS: dict[str, dict] = {
     "specmoe-hot-sub-random": specmoe("hot", substitution="random"),
     "specmoe-hot-k5": specmoe("hot", 5, k_max=10),
     "specmoe-hot-k10": specmoe("hot", 10, k_max=10),
+    # migration: the paper's (deferred to verification, coalesced over the round) against ours (eager)
+    "specmoe-hot-deferred": specmoe("hot", migration="deferred"),
+    "specmoe-shadow-deferred": specmoe("shadow", migration="deferred"),
 }
 MODES = {**BASELINES, **POLICIES, **ABLATIONS}
 DEFAULT = "specmoe-hot-k4"  # what the ablations vary: N = 4, temporal hot set, affinity substitution, k = 4
@@ -70,6 +73,7 @@ PINNED[4] = DEFAULT
 PAPER = {  # the paper's figures
     "speedup_b256_nllb": 4.30, "speedup_b256_mixtral": 2.17, "growth_ondemand": 45.0, "growth_specmoe": 11.0,
     "tokens_per_step": {"temporal": 7.27, "global": 7.22, "random": 6.81}, "affinity_gain": 0.072, "best_n": 4,
+    "migration_cut": 0.77,  # deferred, coalesced migration against on-demand fetching: 77% fewer bytes
 }
 
 
@@ -179,6 +183,7 @@ def paper_table(rows, r: float, ablation_batch: int) -> list[str]:
                 "accepted_tokens")
     pinned = {n: x for n, m in PINNED.items() if (x := pick(rows, "ray", r, ablation_batch, m))}
     best_n = max(pinned, key=lambda n: pinned[n]["tokens_per_s"]) if pinned else None
+    deferred, ondemand = (pick(rows, "ray", r, ablation_batch, m) for m in ("specmoe-hot-deferred", "ondemand"))
     p = PAPER
     return [
         "| figure | paper | ours |", "|---|---|---|",
@@ -191,6 +196,10 @@ def paper_table(rows, r: float, ablation_batch: int) -> list[str]:
           for name in hot),
         f"| accepted tokens, affinity / random substitution | +{100 * p['affinity_gain']:.1f}% | {fmt(100 * (sub - 1), 2)}% |",
         f"| best number of pinned experts N (throughput) | {p['best_n']} | {best_n if best_n else '–'} |",
+        f"| expert bytes per token, deferred migration / ondemand | {1 - p['migration_cut']:.2f} (77% fewer) | "
+        f"{fmt(ratio(deferred, ondemand, 'expert_bytes_per_token'))} (hot draft), "
+        f"{fmt(ratio(pick(rows, 'ray', r, ablation_batch, 'specmoe-shadow-deferred'), ondemand, 'expert_bytes_per_token'))}"
+        " (shadow draft) |",
     ]
 
 
@@ -219,7 +228,8 @@ def markdown(data: dict) -> str:
     for m in (DEFAULT, *ABLATIONS):
         x = pick(rows, "ray", r, ablation_batch, m)
         if x:
-            varies = ", ".join(f"{k}={v}" for k, v in MODES[m].items() if k not in ("mode", "draft_policy", "eviction"))
+            varies = ", ".join(f"{k}={v}" for k, v in MODES[m].items()
+                               if k not in ("mode", "eviction") and (k, v) != ("draft_policy", "hot"))
             lines.append(f"| {m} | {varies} | {fmt(x['tokens_per_s'])} | {fmt(ratio(x, ondemand))} | {fmt(tokens_per_step(x))} | "
                          f"{fmt(x['acceptance_rate'])} | {x['accepted_tokens']} | {fmt(x.get('expert_bytes_per_token'))} | "
                          f"{'yes' if x['exact'] else 'NO'} |")
