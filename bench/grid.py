@@ -112,6 +112,20 @@ class Results:
     def done(self, point: Point) -> bool:
         return any(point_of(r) == point for r in self.rows)
 
+    def prompts(self, cut, needed: int) -> list[list[int]]:
+        """The prompts of every row in this file: ``cut(count)`` once, for the first run's largest
+        batch, then stored and reused, so that a resumed run with smaller batches gives its
+        rows the same prompts as the reference it is checked against (windows cut for another
+        count would be other text). A file from before prompts were stored is cut again for
+        the largest batch it holds a reference for."""
+        stored = self.data.get("prompts")
+        if stored is None:
+            stored = self.data["prompts"] = cut(max([needed, *map(int, self.data["reference"])]))
+        if len(stored) < needed:
+            raise ValueError(f"{self.path.name} holds prompts for batches up to {len(stored)}, not {needed}; "
+                             "give another --out for larger batches")
+        return stored
+
     def reference(self, batch: int) -> list[list[int]] | None:
         return self.data["reference"].get(str(batch))
 
@@ -197,7 +211,8 @@ def run_grid(results: Results, points: list[Point], decoder_for: DecoderFor) -> 
     cfg = BenchConfig(model=s.model, prompt_len=s.prompt_len, new_tokens=s.new_tokens, cache_budget=s.cache_budget,
                       dtype=s.dtype, repeats=s.repeats)
     cal = calibrate(results)
-    prompts_all = validation_prompts(load_tokenizer(s.model), max(p.batch for p in todo), s.prompt_len)
+    tokenizer = load_tokenizer(s.model)
+    prompts_all = results.prompts(lambda count: validation_prompts(tokenizer, count, s.prompt_len), max(p.batch for p in todo))
     for batch in sorted({p.batch for p in todo}):
         if results.reference(batch) is None:
             tokens, metrics = run_mode(cfg, DecoderConfig(mode="resident"), prompts_all[:batch], None)

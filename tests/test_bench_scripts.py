@@ -111,6 +111,23 @@ def test_a_results_file_resumes_with_the_same_settings_and_refuses_others(tmp_pa
         Results(path, GridSettings(model="models/some-moe", new_tokens=8))
 
 
+def test_a_resumed_run_with_smaller_batches_gets_the_first_runs_prompts(tmp_path):
+    """Windows cut for another count are other text: a resumed run must reuse the stored prompts,
+    or its rows would be checked against a reference made from other prompts."""
+    cut = lambda count: [[count, i] for i in range(count)]  # noqa: E731 - like validation_prompts: depends on count
+    s = GridSettings(model="models/some-moe")
+    first = Results(tmp_path / "paper-x.json", s)
+    assert first.prompts(cut, 256)[:16] == cut(256)[:16]
+    first.add(row("none", None, 256, "resident", 1.0), reference=[[0]])
+    again = Results(tmp_path / "paper-x.json", s)
+    assert again.prompts(cut, 16)[:16] == cut(256)[:16] != cut(16)
+    with pytest.raises(ValueError, match="prompts for batches up to 256, not 512"):
+        again.prompts(cut, 512)
+    older = Results(tmp_path / "sweep-y.json", s)  # a file from before prompts were stored: its largest reference
+    older.data["reference"] = {"4": [[0]], "32": [[0]]}
+    assert older.prompts(cut, 16) == cut(32)
+
+
 def test_R_is_raw_or_a_positive_number():
     assert grid.parse_r("raw") is None and grid.parse_r("64") == 64.0
     for bad in ("0", "-3", "inf", "fast"):
