@@ -194,6 +194,23 @@ class Lent:
 DecoderFor = Callable[[Point, list], dict]  # (point, its prompts) -> DecoderConfig fields (the grid adds budget, profile)
 
 
+def run_or_plan(results: Results, points: list[Point], decoder_for: DecoderFor, stem: Path, markdown, plots,
+                plan: bool) -> float:
+    """Run the points not yet in ``results``, then write ``stem``.md (``markdown(data)``) and the
+    plots (``plots(data, stem)``); with ``plan``, only print the points left and return their
+    estimated seconds (0 after a run)."""
+    if plan:
+        results.data["commands"].pop()  # a plan runs nothing: not one of the commands that made the rows
+        lines, total = plan_lines(points, results.settings, calibrate(results), results.rows, decoder_for)
+        print(f"{stem.name}: {len(lines)} points left, about {total / 60:.1f} min", *lines, sep="\n")
+        return total
+    run_grid(results, points, decoder_for)
+    Path(f"{stem}.md").write_text(markdown(results.data))
+    plots(results.data, str(stem))
+    print(markdown(results.data))
+    return 0.0
+
+
 def run_grid(results: Results, points: list[Point], decoder_for: DecoderFor) -> None:
     """Run every point of ``points`` not yet in ``results``, appending each row as it finishes."""
     from bench.modes import BenchConfig, link_at, make_profile, run_mode, validation_prompts

@@ -30,8 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.grid import (  # noqa: E402
-    GridSettings, Point, Results, Target, calibrate, figure, fmt, header_lines, line_plot, link_title, parse_r, pick, plan_lines,
-    point_table, ratio, run_grid, save_figure, target_table,
+    GridSettings, Point, Results, Target, figure, fmt, header_lines, line_plot, link_title, parse_r, pick, point_table, ratio,
+    run_or_plan, save_figure, target_table,
 )
 from bench.modes import LRU, budget_fraction  # noqa: E402
 
@@ -290,16 +290,7 @@ def main(argv=None) -> int:
             stem = Path(cfg.out) / f"paper-{Path(model).name}-r{fmt(r)}"
             results = Results(Path(f"{stem}.json"), settings(cfg, model))
             decoder_for = decoder_maker(results.settings, Path(cfg.out))
-            if cfg.plan:
-                results.data["commands"].pop()  # a plan runs nothing: not one of the commands that made the rows
-                lines, total = plan_lines(points, results.settings, calibrate(results), results.rows, decoder_for)
-                grand += total
-                print(f"{stem.name}: {len(lines)} points left, about {total / 60:.1f} min", *lines, sep="\n")
-                continue
-            run_grid(results, points, decoder_for)
-            Path(f"{stem}.md").write_text(markdown(results.data))
-            plots(results.data, str(stem))
-            print(markdown(results.data))
+            grand += run_or_plan(results, points, decoder_for, stem, markdown, plots, cfg.plan)
     if cfg.plan:
         print(f"all: about {grand / 60:.1f} min (rough: link time from the calibration, compute from the resident step)")
     return 0
