@@ -303,7 +303,10 @@ def test_the_metrics_endpoint_shows_every_documented_metric_with_a_value(ray_hea
 
     wanted = {d.exported + ("_count" if d.kind == "histogram" else ""): d.name for d in METRICS}
     src, out = tmp_path / "prompts.jsonl", tmp_path / "results.jsonl"
-    src.write_text("".join(json.dumps({"id": i, "prompt": p, "max_tokens": TOKENS}) + "\n" for i, p in enumerate(PROMPTS)))
+    # gauges are exported once a second with their last value: the job decodes long enough (about
+    # ten seconds here) that several exports fall while requests run and wait
+    prompts = PROMPTS * 4
+    src.write_text("".join(json.dumps({"id": i, "prompt": p, "max_tokens": 48}) + "\n" for i, p in enumerate(prompts)))
     spec = write_spec(tmp_path / "spec.json", shipped_model)
     job = submit(ray_head, "batch-metrics", spec, src, out, wait=False)
     assert job.returncode == 0, job.stderr[-3000:]  # --window 64 meets Overloaded (max_queue=2) and retries
@@ -325,7 +328,7 @@ def test_the_metrics_endpoint_shows_every_documented_metric_with_a_value(ray_hea
         raise AssertionError(f"no non-zero value for {missing} (seen: {seen})") from None
     wait_for(lambda: job_status(ray_head, "batch-metrics") not in ("PENDING", "RUNNING"), 180, "the job to end")
     assert job_status(ray_head, "batch-metrics") == "SUCCEEDED"
-    assert sorted(json.loads(line)["id"] for line in lines_of(out)) == list(range(len(PROMPTS)))
+    assert sorted(json.loads(line)["id"] for line in lines_of(out)) == list(range(len(prompts)))
     text = urllib.request.urlopen(ray_head.metrics, timeout=10).read().decode()
     rejected = [line for line in text.splitlines() if line.startswith("ray_specmoe_requests_total{") and 'outcome="rejected"' in line]
     assert rejected and float(rejected[0].rsplit(" ", 1)[1]) > 0  # the job met Overloaded, and still wrote every id once
