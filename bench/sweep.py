@@ -37,8 +37,8 @@ HEADLINE_R = 64.0
 K_MAX = 8
 
 
-def specmoe(policy: str, k) -> dict:
-    return dict(mode="specmoe", draft_policy=policy, k=k, k_max=K_MAX, eviction=LRU)
+def specmoe(policy: str, k, k_max: int = K_MAX) -> dict:
+    return dict(mode="specmoe", draft_policy=policy, k=k, k_max=k_max, eviction=LRU)
 
 
 MODES: dict[str, dict] = {  # name -> DecoderConfig fields (the grid adds the budget and the profile)
@@ -51,6 +51,10 @@ MODES: dict[str, dict] = {  # name -> DecoderConfig fields (the grid adds the bu
        for policy in ("shadow", "resident", "hot") for name, k in (("k4", 4), ("k8", 8), ("auto", "auto"))},
     # int8 shadows: twice the int4 copies' memory, a draft closer to the model (more accepted per round)
     **{f"specmoe-shadow8-{name}": {**specmoe("shadow", k), "shadow_bits": 8} for name, k in (("k8", 8), ("auto", "auto"))},
+    # longer rounds (auto16 is the engine's default k_max): once a round needs nearly every expert,
+    # its bytes barely grow with k
+    **{f"specmoe-shadow-{name}": specmoe("shadow", k, k_max=k_max)
+       for name, k, k_max in (("k12", 12, 12), ("k16", 16, 16), ("auto16", "auto", 16))},
 }
 BASELINES = ("ondemand", "pregate", "history", "caching", "remote")
 
@@ -60,6 +64,7 @@ EVERY_POINT = ("ondemand", "pregate", "specmoe-shadow-k4", "specmoe-shadow-auto"
 LARGEST_R_MODES = ("ondemand", "specmoe-shadow-k4")
 NOT_AT_HEADLINE = ("specmoe-resident-k8",)  # the resident policy's drafts are rejected most: k = 8 adds only bytes
 GRPC_MODES = ("ondemand", "remote", "specmoe-shadow-k4")
+LONG_ROUNDS = ("specmoe-shadow-k12", "specmoe-shadow-k16", "specmoe-shadow-auto16")  # only when named (bench/results/k-max)
 GRID_NOTES = [
     f"At R = {HEADLINE_R:g} over Ray: every mode but {', '.join(NOT_AT_HEADLINE)} (the resident draft policy is "
     "rejected most; k = 8 would only move more bytes).",
@@ -67,6 +72,7 @@ GRID_NOTES = [
     "policy at k = 4 and adaptive k, the hot policy adaptive); at the largest R only "
     f"{', '.join(LARGEST_R_MODES)}: its link time is 4x R = 64's.",
     f"Over gRPC: R = {HEADLINE_R:g} only ({', '.join(GRPC_MODES)}): gRPC against Ray, and remote, which needs a store that computes.",
+    f"{', '.join(LONG_ROUNDS)} run only where --modes names them.",
 ]
 
 
@@ -76,7 +82,7 @@ class SweepConfig:
                                                       str(REPO / "models" / "shakespeare-tiny-moe")])
     r: list = field(default_factory=lambda: [None, 8.0, 36.0, 64.0, 256.0])
     batch_sizes: list[int] = field(default_factory=lambda: [1, 4, 16, 32])
-    modes: list[str] = field(default_factory=lambda: list(MODES))
+    modes: list[str] = field(default_factory=lambda: [m for m in MODES if m not in LONG_ROUNDS])
     transports: list[str] = field(default_factory=lambda: ["ray", "grpc"])
     prompt_len: int = 32
     new_tokens: int = 12

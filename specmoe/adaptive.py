@@ -99,7 +99,7 @@ class RoundTraffic:
 
 @dataclass
 class SpeculationController:
-    k_max: int = 8
+    k_max: int = 16
     fixed_k: int | None = None  # None = adaptive
     smoothing: float = 0.2
     explore_every: int = 16

@@ -111,7 +111,7 @@ class DecoderConfig:
     mode: str = "resident"
     draft_policy: str = "shadow"
     k: int | str = "auto"
-    k_max: int = 8
+    k_max: int = 16
     cache_budget: float | str = 0.25
     pinned_fraction: float = 0.5
     eviction: str = "lfu"  # measured against LRU in bench/modes.py: higher hit rate

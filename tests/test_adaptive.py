@@ -25,7 +25,7 @@ GREEDY = SamplingParams(max_new_tokens=24, ignore_eos=True)
 def hand_controller(**kwargs) -> SpeculationController:
     """M = 10 experts not resident, q = 0.1, 1000 bytes each at 1 us per byte (1 ms an expert),
     0.5 ms latency, 2 layers; C(0) = 10 ms, a draft step 4 ms, miss share 0.2, B = 1."""
-    ctl = SpeculationController(traffic=ExpertTraffic(1000, 10, 2, 0.1), **kwargs)
+    ctl = SpeculationController(traffic=ExpertTraffic(1000, 10, 2, 0.1), **{"k_max": 8} | kwargs)
     ctl.link = LinkEstimate(seconds_per_byte=1e-6, latency_s=5e-4)
     ctl.compute_s, ctl.draft_step_s, ctl.miss_share = {0: 0.010}, 0.004, 0.2
     return ctl
@@ -114,6 +114,9 @@ def test_large_k_when_transfers_dominate():
     assert ctl.choose() == 8
     ctl.link.seconds_per_byte = 0.0  # the same round with free transfers: drafting does not pay
     assert ctl.choose() == 0
+    wide = hand_controller(explore_every=1000, acceptance=0.95, k_max=16)  # the default k_max
+    wide.draft_step_s, wide.link.seconds_per_byte = 0.010, 64e-6
+    assert 8 < wide.choose() <= 16  # a round's bytes barely grow with k: rounds as long as acceptance allows
 
 
 def test_exploration_is_bounded_and_plain_decoding_tries_k_1():
@@ -130,7 +133,7 @@ def test_fixed_k_is_respected_and_validated():
         SpeculationController(k_max=2, fixed_k=3)
     with pytest.raises(ValueError, match="explore_every must be an integer >= 2"):
         SpeculationController(explore_every=1)
-    assert DecoderConfig().k_max == 8
+    assert DecoderConfig().k_max == SpeculationController().k_max == 16
 
 
 def generate(model, decoder: DecoderConfig, fetch=None, slow_draft_s: float = 0.0):

@@ -93,9 +93,12 @@ def test_the_sweep_grid_runs_remote_only_over_grpc_and_the_rare_modes_only_at_R_
     assert {p.mode for p in points if p.r == 8.0} == {p.mode for p in points if p.r is None} == set(sweep.EVERY_POINT)
     assert {p.mode for p in points if p.r == 256.0} == set(sweep.LARGEST_R_MODES)
     every = set(sweep.plan(sweep.SweepConfig(r=[8.0], batch_sizes=[1], all_points=True)))
-    assert len(every) == (len(sweep.MODES) - 1) + len(sweep.MODES)  # ray: all but remote; grpc: all
+    defaults = sweep.SweepConfig().modes
+    assert len(every) == (len(defaults) - 1) + len(defaults)  # ray: all but remote; grpc: all
+    assert set(defaults) == set(sweep.MODES) - set(sweep.LONG_ROUNDS)  # those run when named
     assert all(m in sweep.MODES for m in (*sweep.EVERY_POINT, *sweep.GRPC_MODES, *sweep.LARGEST_R_MODES, *sweep.NOT_AT_HEADLINE))
-    assert all(sweep.MODES[m].get("k_max") == 8 for m in sweep.MODES if m.startswith("specmoe"))
+    assert all(sweep.MODES[m].get("k_max") == 8 for m in defaults if m.startswith("specmoe"))
+    assert [sweep.MODES[m]["k_max"] for m in sweep.LONG_ROUNDS] == [12, 16, 16]
 
 
 def test_a_results_file_resumes_with_the_same_settings_and_refuses_others(tmp_path):

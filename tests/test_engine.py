@@ -85,8 +85,8 @@ def test_bad_engine_config_is_named():
         EngineConfig(max_batch_size=0)
     with pytest.raises(ValueError, match="allowed: resident, ondemand, pregate, specmoe"):
         DecoderConfig(mode="nope")
-    with pytest.raises(ValueError, match=r"k must be an integer in \[0, k_max=8\] or 'auto'"):
-        DecoderConfig(k=9)
+    with pytest.raises(ValueError, match=r"k must be an integer in \[0, k_max=16\] or 'auto'"):
+        DecoderConfig(k=17)
     with pytest.raises(ValueError, match="cache_budget"):
         DecoderConfig(cache_budget=0)
     with pytest.raises(ValueError, match="draft policy"):
