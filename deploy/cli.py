@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 
@@ -205,6 +207,8 @@ def run_generate(args: argparse.Namespace) -> int:
         n += len(token_ids)
         sys.stdout.write(detok.push(token_ids))
         sys.stdout.flush()
+        if CTRL_C.is_set():
+            raise KeyboardInterrupt
     sys.stdout.write(detok.flush() + "\n")
     wall = time.perf_counter() - loaded
     print(f"[specmoe] model loaded in {loaded - started:.2f}s", file=sys.stderr)
@@ -234,6 +238,8 @@ def generate_on_cluster(args: argparse.Namespace, params) -> int:
             sys.stdout.write(piece.text)
             sys.stdout.flush()
             last = piece
+            if CTRL_C.is_set():
+                raise KeyboardInterrupt
         sys.stdout.write("\n")
         decoder = next((m for m in client.decoder_metrics() if m), {})
     print(f"[specmoe] cluster and deployment up in {loaded - started:.2f}s", file=sys.stderr)
@@ -310,7 +316,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     from deploy.serve.app import serve_locally
 
-    return serve_locally(args.spec, args.port, args.api_key, args.model_name)
+    return serve_locally(args.spec, args.port, args.api_key, args.model_name, stop=CTRL_C)
 
 
 Command = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
@@ -334,17 +340,41 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C: scripts can tell it from a mistake (2)
+# Set by Ctrl-C. The KeyboardInterrupt it raises lands wherever the main thread is; inside a
+# finalizer or a callback Python only prints it and goes on, so loops also check this flag.
+CTRL_C = threading.Event()
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command. User mistakes, unreadable or corrupt files and Ctrl-C end in one line
     on standard error, never a traceback: exit 2 for an error, 130 for an interrupt."""
     args = build_parser().parse_args(argv)
+    CTRL_C.clear()
+    previous = _on_ctrl_c()
     try:
-        return _run(args)
+        code = _run(args)
     except KeyboardInterrupt:
+        code = INTERRUPTED
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    if code == INTERRUPTED or CTRL_C.is_set():
         print(f"specmoe {args.command}: interrupted", file=sys.stderr)
         return INTERRUPTED
+    return code
+
+
+def _on_ctrl_c():
+    """Record Ctrl-C in ``CTRL_C`` and raise KeyboardInterrupt as Python does; returns the
+    handler it replaced (None off the main thread, where no handler can be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        CTRL_C.set()
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGINT, handler)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -134,8 +134,28 @@ def test_ctrl_c_is_one_line_and_exit_130(shipped_model):
         _, err = child.communicate(timeout=60)
     finally:
         child.kill()
-    assert child.returncode == 130
+    assert child.returncode == 130, err
     assert err.strip() == "specmoe generate: interrupted", err
+
+
+def test_a_ctrl_c_whose_keyboardinterrupt_was_swallowed_still_ends_in_130(monkeypatch, capsys):
+    """Python only prints a KeyboardInterrupt raised inside a finalizer or a callback; the
+    recorded Ctrl-C still decides the exit, and the handler is put back afterwards."""
+    import deploy.cli
+
+    before = signal.getsignal(signal.SIGINT)
+
+    def run_swallowing(args):
+        try:
+            signal.raise_signal(signal.SIGINT)  # a real Ctrl-C, through the CLI's handler
+        except KeyboardInterrupt:
+            pass  # as if raised inside a __del__: printed, not propagated
+        return 0
+
+    monkeypatch.setattr(deploy.cli, "_run", run_swallowing)
+    assert cli(["generate", "--prompt", "ROMEO:"]) == 130
+    assert capsys.readouterr().err.strip() == "specmoe generate: interrupted"
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_grpc_token_and_tls_flags_reach_the_deployment_spec(monkeypatch, capsys):

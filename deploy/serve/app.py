@@ -64,6 +64,7 @@ import hmac
 import json
 import socket
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -464,9 +465,10 @@ def _sse(data: dict) -> str:
 # -- specmoe serve -----------------------------------------------------------------------------
 
 
-def serve_locally(spec_file: str | None, port: int, api_key: str | None, model_name: str | None = None) -> int:
+def serve_locally(spec_file: str | None, port: int, api_key: str | None, model_name: str | None = None,
+                  stop: threading.Event | None = None) -> int:
     """``specmoe serve``: a local multi-node cluster with the spec's store and decoder nodes,
-    this app on 127.0.0.1:``port``, until Ctrl-C (which stops the cluster)."""
+    this app on 127.0.0.1:``port``, until Ctrl-C or ``stop`` is set (either stops the cluster)."""
     from cluster.deployment import DeploymentSpec
     from cluster.local import ClusterSpec, LocalCluster
 
@@ -479,8 +481,13 @@ def serve_locally(spec_file: str | None, port: int, api_key: str | None, model_n
         serve.run(app, name="specmoe", route_prefix="/")
         name = model_name or Path(spec.model.path).name
         print(f"[specmoe] serving {name!r} at http://127.0.0.1:{port}/v1 (OpenAI API); Ctrl-C stops", file=sys.stderr)
-        while True:
-            time.sleep(3600)
+        stop = stop or threading.Event()
+        try:
+            while not stop.wait(1.0):
+                pass
+        finally:
+            print("[specmoe] stopping the app and the cluster", file=sys.stderr)
+    return 0
 
 
 def _check_port_free(port: int) -> None:
