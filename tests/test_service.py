@@ -146,7 +146,9 @@ def test_32_concurrent_requests_of_different_lengths_and_params_all_complete_and
 
 def test_streaming_is_incremental_in_order_and_exactly_once(client, reference):
     [pieces] = stream_all(client, ["ROMEO:"], [GenerationParams(max_new_tokens=40, ignore_eos=True)])
-    assert len(pieces) >= 5 and not pieces[0].finished  # tokens arrive round by round, before the end
+    # tokens arrive round by round, before the end: 40 tokens take at least 4 rounds at k_max = 16
+    # (the prefill's token, then at most 17 a round), and a slow poll may carry two rounds
+    assert len(pieces) >= 3 and not pieces[0].finished
     assert_exactly_once(pieces, reference("ROMEO:", 40), reference.tokenizer)
     assert pieces[-1].metrics["output_tokens"] == 40
 
