@@ -60,7 +60,8 @@ def test_20MB_over_a_0_2GBps_link_take_0_1s_at_most_40ms_late_and_saturate_it(sh
         m = link.metrics.snapshot()
         assert m["link_bytes"] == m["bytes"] == moved and m["link_transfers"] == len(futures) == m["requests"]
         assert m["link_busy_s"] == pytest.approx(want, rel=0.01)
-        assert m["link_utilisation"] >= 0.9  # saturated: busy all the time since the first request
+        # saturated: busy all the time since the first request, but for the lateness allowed above
+        assert m["link_utilisation"] >= want / (took + LATE), (m["link_utilisation"], took, want)
         time.sleep(2 * took)
         assert link.metrics.snapshot()["link_utilisation"] <= 0.4  # idle for two thirds of the time since
     finally:
