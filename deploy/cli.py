@@ -316,7 +316,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     from deploy.serve.app import serve_locally
 
-    return serve_locally(args.spec, args.port, args.api_key, args.model_name, stop=CTRL_C)
+    return serve_locally(args.spec, args.port, args.api_key, args.model_name, CTRL_C)
 
 
 Command = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]

@@ -465,8 +465,8 @@ def _sse(data: dict) -> str:
 # -- specmoe serve -----------------------------------------------------------------------------
 
 
-def serve_locally(spec_file: str | None, port: int, api_key: str | None, model_name: str | None = None,
-                  stop: threading.Event | None = None) -> int:
+def serve_locally(spec_file: str | None, port: int, api_key: str | None, model_name: str | None,
+                  stop: threading.Event) -> int:
     """``specmoe serve``: a local multi-node cluster with the spec's store and decoder nodes,
     this app on 127.0.0.1:``port``, until Ctrl-C or ``stop`` is set (either stops the cluster)."""
     from cluster.deployment import DeploymentSpec
@@ -481,9 +481,8 @@ def serve_locally(spec_file: str | None, port: int, api_key: str | None, model_n
         serve.run(app, name="specmoe", route_prefix="/")
         name = model_name or Path(spec.model.path).name
         print(f"[specmoe] serving {name!r} at http://127.0.0.1:{port}/v1 (OpenAI API); Ctrl-C stops", file=sys.stderr)
-        stop = stop or threading.Event()
         try:
-            while not stop.wait(1.0):
+            while not stop.wait(1.0):  # Ctrl-C raises here; a swallowed one still sets stop
                 pass
         finally:
             print("[specmoe] stopping the app and the cluster", file=sys.stderr)
